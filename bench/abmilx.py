@@ -1,0 +1,182 @@
+"""Benchmark ABMILX against ABMIL and against the published one-call attention plus.
+
+    .venv/bin/python bench/abmilx.py                 # full run (several minutes on 2 cores)
+    .venv/bin/python bench/abmilx.py --sizes 512 10000 --skip-train
+
+Each measurement runs in a fresh subprocess (2 torch threads, CPU) so that its peak memory is
+its own: extra memory = max RSS after the measurement − max RSS before it (model and input
+already allocated). Forward passes are eval / no_grad with in_dim 1024, inner 256, 8 heads.
+"naive" is ABMILX with the published attention plus: one `scaled_dot_product_attention` call
+with a one-wide value, which materialises N × N scores (skipped at 10^5: it would ask for
+≈ 320 GB). The E2E training step is ResNet-18 (random init) + aggregator, forward + backward +
+AdamW step on one bag of 512 patches, 64 × 64 by default on CPU (224 × 224 is too slow on 2
+cores); ABMIL and ABMILX steps alternate in one process and the median of the paired ratios is
+reported. Results are ratios measured in the same run; on a shared machine treat them as rough.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflow"))
+
+IN_DIM, INNER, HEADS, THREADS = 1024, 256, 8, 2
+GOALS = "goals: N=10^4 ≤ 1.5 s and ≤ 0.5 GB extra; N=10^5 completes with ≤ 3 GB extra; train step ratio ≤ 1.05"
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def naive_propagate(q, k, value, mask=None, chunk_size=0):
+    """The published attention plus: one SDPA call with a one-wide value (math kernel, N × N)."""
+    import torch.nn.functional as F
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, value.unsqueeze(-1).to(q.dtype), attn_mask=attn_mask)[..., 0]
+
+
+def build(name: str, in_dim: int = IN_DIM):
+    """ABMILX / ABMIL with the benchmark's sizes; "naive" is ABMILX with the published product."""
+    import torch
+    from e2epath.models import abmilx, build_aggregator
+    torch.manual_seed(0)
+    if name == "naive":
+        abmilx.propagate_attention = naive_propagate
+        name = "abmilx"
+    kw = {"inner_dim": INNER, "n_heads": HEADS} if name == "abmilx" else {"inner_dim": INNER}
+    return build_aggregator(name, in_dim, 2, **kw)
+
+
+def forward_worker(model_name: str, n: int) -> dict:
+    import torch
+    model = build(model_name).eval()
+    x = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(0))
+    repeats = 5 if n <= 1000 else 2 if n <= 20000 else 1
+    with torch.no_grad():
+        model(x[:, :64])  # first-call initialisation outside the measurement
+        before = max_rss_mb()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "extra_mb": max_rss_mb() - before}
+
+
+def train_worker(patches: int, size: int, pairs: int = 3) -> dict:
+    """Alternate ABMIL and ABMILX steps in one process: paired ratios cancel most machine noise."""
+    import copy
+
+    import torch
+    from e2epath.models import build_encoder
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", None).train()  # BatchNorm in train mode, as in E2E training
+    images = torch.randn(patches, 3, size, size, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([1])
+    setups = {}
+    for name in ("abmil", "abmilx"):
+        enc, agg = copy.deepcopy(encoder), build(name, encoder.out_dim).train()
+        setups[name] = (enc, agg, torch.optim.AdamW([*enc.parameters(), *agg.parameters()], lr=1e-5))
+
+    def step(name: str) -> float:
+        enc, agg, optimizer = setups[name]
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(agg(enc(images).unsqueeze(0)), target).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    for name in setups:  # warm-up (allocations, optimizer state)
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i in range(pairs):
+        for name in (("abmil", "abmilx") if i % 2 == 0 else ("abmilx", "abmil")):
+            times[name].append(step(name))
+    ratios = [x / b for x, b in zip(times["abmilx"], times["abmil"])]
+    return {"abmil_s": statistics.median(times["abmil"]), "abmilx_s": statistics.median(times["abmilx"]),
+            "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def run_worker(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fmt(result: dict | None, key: str, spec: str) -> str:
+    if result is None:
+        return "—"
+    return "error" if "error" in result else format(result[key], spec)
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or "error" in a or "error" in b:
+        return "—"
+    return f"{a['seconds'] / b['seconds']:.2f}"
+
+
+def forward_table(sizes: list[int]) -> list[str]:
+    rows = ["| N | ABMILX s | ABMILX extra MB | ABMIL s | ABMIL extra MB | naive s | naive extra MB "
+            "| ABMILX / ABMIL | naive / ABMILX |", "|---" * 9 + "|"]
+    for n in sizes:
+        res = {m: run_worker({"kind": "forward", "model": m, "n": n}) for m in ("abmilx", "abmil")}
+        res["naive"] = run_worker({"kind": "forward", "model": "naive", "n": n}) if n <= 20000 else None
+        for m, r in res.items():
+            print(f"  forward {m:6s} N={n}: {r}", file=sys.stderr, flush=True)
+        rows.append(f"| {n} | {fmt(res['abmilx'], 'seconds', '.3f')} | {fmt(res['abmilx'], 'extra_mb', '.0f')} "
+                    f"| {fmt(res['abmil'], 'seconds', '.3f')} | {fmt(res['abmil'], 'extra_mb', '.0f')} "
+                    f"| {fmt(res['naive'], 'seconds', '.3f')} | {fmt(res['naive'], 'extra_mb', '.0f')} "
+                    f"| {ratio(res['abmilx'], res['abmil'])} | {ratio(res['naive'], res['abmilx'])} |")
+    return rows
+
+
+def train_table(patches: int, size: int, pairs: int) -> list[str]:
+    res = run_worker({"kind": "train", "patches": patches, "size": size, "pairs": pairs})
+    print(f"  train: {res}", file=sys.stderr, flush=True)
+    head = (f"E2E train step (forward + backward + AdamW), ResNet-18 random init, one bag of {patches} "
+            f"patches of {size}×{size}, CPU {THREADS} threads, {pairs} alternating pairs after warm-up:")
+    if "error" in res:
+        return [head, "", f"error: {res['error']}"]
+    return [head, "", "| ABMIL step s (median) | ABMILX step s (median) | ABMILX / ABMIL (median of pairs) |",
+            "|---|---|---|", f"| {res['abmil_s']:.2f} | {res['abmilx_s']:.2f} | {res['ratio']:.3f} |"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 10_000, 100_000])
+    parser.add_argument("--patches", type=int, default=512)
+    parser.add_argument("--patch-size", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=3, help="alternating ABMIL/ABMILX train steps")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        import torch
+        torch.set_num_threads(THREADS)
+        spec = json.loads(args.worker)
+        if spec["kind"] == "forward":
+            result = forward_worker(spec["model"], spec["n"])
+        else:
+            result = train_worker(spec["patches"], spec["size"], spec["pairs"])
+        print(json.dumps(result))
+        return 0
+    lines = [f"Forward, eval/no_grad, CPU {THREADS} threads, in_dim {IN_DIM}, inner {INNER}, {HEADS} heads "
+             "(time: best of repeats):", ""] + forward_table(args.sizes)
+    if not args.skip_train:
+        lines += [""] + train_table(args.patches, args.patch_size, args.pairs)
+    print("\n".join(lines + ["", GOALS]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Evaluation: metrics equal scikit-learn / lifelines, the vectorised bootstrap equals a slow loop
+over the same resamples, paired differences, the `evaluate` and `tables` command lines."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines.utils import concordance_index
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
+                             roc_auc_score)
+
+from e2epath.evaluate import bootstrap as bs
+from e2epath.evaluate import metrics as m
+from e2epath.evaluate import tables
+
+TIGHT = dict(rtol=0, atol=1e-12)
+
+
+def _cls_df(rng, n, classes, tie_step=0.1, signal=1.0):
+    """Predictions with coarse (tied) probabilities; labels drawn so every class occurs."""
+    k = len(classes)
+    y = rng.permutation(np.resize(np.arange(k), n))
+    logits = rng.normal(size=(n, k)) + signal * np.eye(k)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    p = np.round(p / tie_step) * tie_step + 1e-3  # ties on purpose
+    p /= p.sum(1, keepdims=True)
+    df = pd.DataFrame({"case_id": [f"case{i:04d}" for i in range(n)],
+                       "label": [str(classes[j]) for j in y]})
+    for j, c in enumerate(classes):
+        df[f"prob_{c}"] = p[:, j]
+    return df
+
+
+def _surv_df(rng, n):
+    return pd.DataFrame({"case_id": [f"case{i:04d}" for i in range(n)],
+                         "time": rng.integers(1, 15, n).astype(float),  # many tied times
+                         "event": rng.integers(0, 2, n),
+                         "risk": rng.integers(0, 8, n) / 4})  # tied risks
+
+
+def _sk_classification(df, classes):
+    """Reference metrics with scikit-learn on the DataFrame as written."""
+    y = df["label"].astype(str).to_numpy()
+    prob = df[[f"prob_{c}" for c in classes]].to_numpy()
+    pred = np.array([str(c) for c in classes])[prob.argmax(1)]
+    if len(classes) == 2:
+        auc = roc_auc_score(y == str(classes[1]), prob[:, 1])
+    else:
+        auc = roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=[str(c) for c in classes])
+    return {"auc": auc, "accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+            "macro_f1": f1_score(y, pred, average="macro")}, y, pred
+
+
+# --------------------------------------------------------------------------- point estimates
+
+@pytest.mark.parametrize("seed", range(3))
+def test_binary_and_multiclass_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    for classes in (["neg", "pos"], ["LUAD", "LUSC", "normal"]):
+        df = _cls_df(rng, 97, classes)
+        ours = m.task_metrics("classification", df)
+        ref, y, pred = _sk_classification(df, classes)
+        assert set(ours) == set(ref)
+        for name in ref:
+            assert np.isclose(ours[name], ref[name], **TIGHT), (classes, name, ours[name], ref[name])
+    # plain-array API, 1-D binary scores with ties
+    yb = rng.integers(0, 2, 80)
+    s = rng.integers(0, 5, 80) / 5
+    assert np.isclose(m.auc(yb, s), roc_auc_score(yb, s), **TIGHT)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grading_qwk_equals_sklearn_with_numeric_class_order(seed):
+    rng = np.random.default_rng(seed)
+    grades = [1, 2, 10]  # string order would put 10 before 2 and change the kappa weights
+    df = _cls_df(rng, 120, grades, signal=1.5)
+    ours = m.task_metrics("grading", df)
+    y = df["label"].astype(int).to_numpy()
+    pred = np.array(grades)[df[[f"prob_{g}" for g in grades]].to_numpy().argmax(1)]
+    assert np.isclose(ours["qwk"], cohen_kappa_score(y, pred, labels=grades, weights="quadratic"), **TIGHT)
+    assert np.isclose(ours["accuracy"], accuracy_score(y, pred), **TIGHT)
+    assert np.isclose(ours["macro_f1"], f1_score(y, pred, average="macro"), **TIGHT)
+    # plain arrays, many ties, default labels = sorted union (as scikit-learn)
+    a, b = rng.integers(0, 6, 200), rng.integers(0, 6, 200)
+    assert np.isclose(m.qwk(a, b), cohen_kappa_score(a, b, weights="quadratic"), **TIGHT)
+    assert np.isclose(m.balanced_accuracy(a, b), balanced_accuracy_score(a, b), **TIGHT)
+    assert np.isclose(m.macro_f1(a, b), f1_score(a, b, average="macro"), **TIGHT)
+    assert np.isclose(m.accuracy(a, b), accuracy_score(a, b), **TIGHT)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_c_index_equals_lifelines_with_ties_and_censoring(seed):
+    df = _surv_df(np.random.default_rng(seed), 150)
+    ours = m.task_metrics("survival", df)["c_index"]
+    ref = concordance_index(df["time"], -df["risk"], df["event"])
+    assert np.isclose(ours, ref, **TIGHT)
+    assert np.isclose(m.c_index(df["time"], df["event"], df["risk"]), ref, **TIGHT)
+
+
+def test_main_metric_and_bad_input():
+    assert (m.main_metric("classification"), m.main_metric("grading"), m.main_metric("survival")) == \
+        ("auc", "qwk", "c_index")
+    with pytest.raises(ValueError, match="unknown task type"):
+        m.main_metric("regression")
+    df = _cls_df(np.random.default_rng(0), 10, ["a", "b"])
+    df.loc[3, "label"] = "c"
+    with pytest.raises(ValueError, match="case0003.*'c'"):
+        m.task_metrics("classification", df)
+    with pytest.raises(ValueError, match="risk"):
+        m.task_metrics("survival", _surv_df(np.random.default_rng(0), 5).drop(columns="risk"))
+
+
+def test_undefined_metrics_are_nan_with_warning(caplog):
+    df = _cls_df(np.random.default_rng(0), 12, ["a", "b"])
+    df["label"] = "a"  # a fold with a single class
+    with caplog.at_level(logging.WARNING, logger="e2epath.evaluate.metrics"):
+        out = m.task_metrics("classification", df)
+    assert np.isnan(out["auc"]) and not np.isnan(out["accuracy"])
+    assert any("auc is undefined" in r.getMessage() for r in caplog.records)
+    iv = bs.bootstrap(m.prepare("classification", df), n_boot=20, seed=0)["auc"]
+    assert iv.n_valid == 0 and np.isnan(iv.mean) and np.isnan(iv.ci_low)
+    surv = _surv_df(np.random.default_rng(0), 8).assign(event=0)
+    assert np.isnan(m.task_metrics("survival", surv)["c_index"])
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+def _loop_reference(task_type, df, idx):
+    """Slow reference: scikit-learn / lifelines on each resample (NaN where they cannot compute)."""
+    cases = m.prepare(task_type, df)  # sorted by case_id: the order the indices refer to
+    out = {name: [] for name in cases.metric_names}
+    for rows in idx:
+        if task_type == "survival":
+            try:
+                out["c_index"].append(concordance_index(cases.time[rows], -cases.risk[rows], cases.event[rows]))
+            except ZeroDivisionError:
+                out["c_index"].append(np.nan)
+            continue
+        y, prob = cases.y[rows], cases.prob[rows]
+        pred = prob.argmax(1)
+        k = len(cases.classes)
+        try:
+            auc = (roc_auc_score(y == 1, prob[:, 1]) if k == 2 else
+                   roc_auc_score(y, prob, multi_class="ovr", average="macro", labels=list(range(k))))
+        except ValueError:
+            auc = np.nan
+        out["auc"].append(auc)
+        out["accuracy"].append(accuracy_score(y, pred))
+        out["balanced_accuracy"].append(balanced_accuracy_score(y, pred))
+        out["macro_f1"].append(f1_score(y, pred, average="macro"))
+        if task_type == "grading":
+            out["qwk"].append(cohen_kappa_score(y, pred, labels=list(range(k)), weights="quadratic"))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("task_type,df", [
+    ("classification", _cls_df(np.random.default_rng(1), 40, ["a", "b"])),
+    ("classification", _cls_df(np.random.default_rng(2), 45, ["x", "y", "z"])),
+    ("grading", _cls_df(np.random.default_rng(3), 50, [0, 1, 2, 3], signal=2.0)),
+    ("survival", _surv_df(np.random.default_rng(4), 40)),
+])
+def test_vectorised_bootstrap_equals_loop(task_type, df):
+    cases = m.prepare(task_type, df)
+    idx = bs.resample_indices(cases.n, 50, seed=7)
+    fast = bs.resampled_metrics(cases, idx)
+    slow = _loop_reference(task_type, df, idx)
+    for name in cases.metric_names:
+        np.testing.assert_allclose(fast[name], slow[name], rtol=0, atol=1e-12, equal_nan=True, err_msg=name)
+    # summary statistics are those of the defined resamples
+    iv = bs.bootstrap(cases, n_boot=50, seed=7)[m.main_metric(task_type)]
+    ref = slow[m.main_metric(task_type)]
+    ref = ref[~np.isnan(ref)]
+    assert iv.n_valid == ref.size and np.isclose(iv.mean, ref.mean(), **TIGHT)
+    assert np.isclose(iv.ci_low, np.percentile(ref, 2.5), **TIGHT)
+
+
+def test_bootstrap_deterministic_and_interval_contains_point():
+    cases = m.prepare("survival", _surv_df(np.random.default_rng(0), 200))
+    a = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
+    b = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
+    c = bs.bootstrap(cases, n_boot=200, seed=4)["c_index"]
+    assert a == b and a.mean != c.mean
+    assert a.ci_low < a.point < a.ci_high
+    cls = m.prepare("classification", _cls_df(np.random.default_rng(0), 200, ["a", "b", "c"]))
+    for iv in bs.bootstrap(cls, n_boot=200, seed=0).values():
+        assert iv.ci_low <= iv.point <= iv.ci_high
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(5)
+    good = _cls_df(rng, 150, ["a", "b"], signal=2.0)
+    noise = good.copy()
+    noise["prob_a"] = rng.uniform(size=len(noise))
+    noise["prob_b"] = 1 - noise["prob_a"]
+    cg, cn = m.prepare("classification", good), m.prepare("classification", noise)
+    self_diff = bs.paired_bootstrap(cg, cg, n_boot=100, seed=0)
+    for pv in self_diff.values():
+        assert pv.diff_point == 0 and pv.diff_mean == 0 and pv.ci_low == pv.ci_high == 0 and pv.p_value == 1
+    diff = bs.paired_bootstrap(cg, cn, n_boot=200, seed=0)["auc"]
+    y = good["label"] == "b"
+    assert np.isclose(diff.diff_point, roc_auc_score(y, good["prob_b"]) - roc_auc_score(y, noise["prob_b"]), **TIGHT)
+    assert diff.ci_low > 0 and diff.p_value < 0.05
+    # the same numbers from scikit-learn on the same resample indices
+    idx = bs.resample_indices(cg.n, 200, seed=0)
+    yb = cg.y == 1
+    d = np.array([roc_auc_score(yb[r], cg.prob[r, 1]) - roc_auc_score(yb[r], cn.prob[r, 1]) for r in idx])
+    assert np.isclose(diff.diff_mean, d.mean(), **TIGHT)
+    assert np.isclose(diff.ci_high, np.percentile(d, 97.5), **TIGHT)
+    tails = ((d <= 0).sum() + 1) / 201, ((d >= 0).sum() + 1) / 201
+    assert np.isclose(diff.p_value, min(1, 2 * min(tails)), **TIGHT)
+    with pytest.raises(ValueError, match="same cases"):
+        bs.paired_bootstrap(cg, m.prepare("classification", noise.iloc[:-1]), n_boot=10)
+
+
+# --------------------------------------------------------------------------- command lines
+
+def _write_run(root, task, classes):
+    """Two methods × 2 folds (+ an empty third fold for the E2E one); returns paths and frames."""
+    rng = np.random.default_rng(0)
+    full = {"e2e/abmilx_r18": _cls_df(rng, 60, classes, signal=2.5),
+            "twostage/abmil_r50": _cls_df(rng, 60, classes, signal=0.5),
+            "twostage/trans_mil": _cls_df(rng, 60, classes, signal=1.0)}
+    paths = []
+    for key, df in full.items():
+        for fold, part in enumerate((df.iloc[:25], df.iloc[25:])):
+            p = root / "results" / key.split("/")[0] / task / key.split("/")[1] / f"fold{fold}" / "predictions.tsv"
+            p.parent.mkdir(parents=True)
+            part.to_csv(p, sep="\t", index=False)
+            paths.append(p)
+    empty = root / "results" / "e2e" / task / "abmilx_r18" / "fold2" / "predictions.tsv"
+    empty.parent.mkdir(parents=True)
+    full["e2e/abmilx_r18"].iloc[:0].to_csv(empty, sep="\t", index=False)
+    return paths + [empty], full
+
+
+def test_evaluate_and_tables_cli(tmp_path, caplog):
+    task, classes = "brca_subtype", ["IDC", "ILC"]
+    paths, full = _write_run(tmp_path, task, classes)
+    out, paired_out = tmp_path / "metrics" / f"{task}.tsv", tmp_path / "metrics" / f"{task}_paired.tsv"
+    argv = ["--task", task, "--task-type", "classification", "--n-boot", "100", "--seed", "0",
+            "--out", str(out), "--paired-out", str(paired_out)] + [str(p) for p in paths]
+    with caplog.at_level(logging.INFO):
+        assert bs.cli(argv) == 0
+    assert any("fold2" in r.getMessage() and "no rows" in r.getMessage() for r in caplog.records)
+
+    res = pd.read_csv(out, sep="\t", dtype={"fold": str})
+    assert list(res.columns) == bs.COLUMNS
+    assert set(res["fold"]) == {"0", "1", "pooled"}  # the empty fold 2 is skipped
+    assert set(res["family"]) == {"e2e", "twostage"}
+    pooled = res[(res["fold"] == "pooled") & (res["method"] == "abmilx_r18")].set_index("metric")
+    ref, _, _ = _sk_classification(full["e2e/abmilx_r18"], classes)
+    for name, value in ref.items():
+        assert np.isclose(pooled.loc[name, "point"], value, **TIGHT)
+    assert (pooled["n_cases"] == 60).all()
+    assert (res[res["fold"] == "0"]["n_cases"] == 25).all()
+
+    paired = pd.read_csv(paired_out, sep="\t")
+    assert list(paired.columns) == bs.PAIRED_COLUMNS
+    # default reference: the better two-stage method by pooled AUC
+    ts = res[(res["fold"] == "pooled") & (res["family"] == "twostage") & (res["metric"] == "auc")]
+    best_ts = ts.sort_values("point")["method"].iloc[-1]
+    assert set(paired["reference"]) == {best_ts}
+    assert set(paired["method"]) == {"abmilx_r18", "abmil_r50", "trans_mil"} - {best_ts}
+    assert (paired["fold"] == "pooled").all() and (paired["p_value"] <= 1).all()
+
+    # an unknown reference is an argument error, not a traceback
+    assert bs.cli(argv + ["--reference", "nope"]) == 2
+
+    md, tex = tmp_path / "tables" / f"{task}.md", tmp_path / "tables" / f"{task}.tex"
+    assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex)]) == 0
+    md_text, tex_text = md.read_text(), tex.read_text()
+    best_auc = res[(res["fold"] == "pooled") & (res["metric"] == "auc")].sort_values("mean")["method"].iloc[-1]
+    best_line = next(line for line in md_text.splitlines() if line.startswith(f"| {best_auc} |"))
+    assert best_line.split("|")[2].strip().startswith("**")  # AUC column, best mean is bold
+    worst = res[(res["fold"] == "pooled") & (res["metric"] == "auc")].sort_values("mean")["method"].iloc[0]
+    worst_line = next(line for line in md_text.splitlines() if line.startswith(f"| {worst} |"))
+    assert not worst_line.split("|")[2].strip().startswith("**")
+    assert "abmil\\_r50 &" in tex_text and "trans\\_mil &" in tex_text and "abmil_r50" not in tex_text
+    assert "\\textbf{" in tex_text and "\\toprule" in tex_text and "\\bottomrule" in tex_text
+    assert tex_text.index("Two-stage") < tex_text.index("End-to-end")
+    unescaped = tex_text.replace("\\{", "").replace("\\}", "")
+    assert unescaped.count("{") == unescaped.count("}")
+
+
+def test_tables_bold_ties_and_escape():
+    rows = []
+    for method, family, mean in (("a_1", "e2e", 0.912), ("b_2", "twostage", 0.9121), ("c%3", "twostage", 0.70)):
+        rows.append([method, family, "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05, 50])
+    table = tables.pooled_table(pd.DataFrame(rows, columns=bs.COLUMNS))
+    md = tables.to_markdown(table, decimals=1)
+    assert "| a_1 | **91.2 [86.2, 96.2]** |" in md and "| b_2 | **91.2" in md  # tie at shown precision
+    assert "| c%3 | 70.0 [65.0, 75.0] |" in md
+    tex = tables.to_latex(table, decimals=1)
+    assert "c\\%3 & 70.0 [65.0, 75.0] \\\\" in tex and "a\\_1 & \\textbf{91.2 [86.2, 96.2]}" in tex

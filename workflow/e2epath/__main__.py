@@ -1,0 +1,42 @@
+"""`python -m e2epath <step> ...` — one sub-command per rule, nothing else.
+
+Each step lives in one module as `cli(argv) -> int`; modules are imported lazily so a step
+that reads a TSV does not pay for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+STEPS: dict[str, str] = {
+    "demo": "e2epath.demo:cli",
+    "check": "e2epath.sheets:cli",
+    "qc": "e2epath.preprocess.qc:cli",
+    "qc_table": "e2epath.preprocess.qc:cli_table",
+    "tissue": "e2epath.preprocess.tissue:cli",
+    "patch": "e2epath.preprocess.patching:cli",
+    "manifest": "e2epath.preprocess.patching:cli_manifest",
+    "splits": "e2epath.splits:cli",
+    "train_e2e": "e2epath.train.e2e:cli",
+    "extract_features": "e2epath.features:cli",
+    "train_mil": "e2epath.train.twostage:cli",
+    "evaluate": "e2epath.evaluate.bootstrap:cli",
+    "tables": "e2epath.evaluate.tables:cli",
+    "figures_task": "e2epath.figures:cli_task",
+    "figures_cohort": "e2epath.figures:cli_cohort",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STEPS:
+        print(f"usage: python -m e2epath <step> [args]; steps: {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, func = STEPS[argv[0]].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

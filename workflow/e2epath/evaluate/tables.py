@@ -1,0 +1,141 @@
+"""Results tables (Markdown + LaTeX) from `results/metrics/{task}.tsv`, laid out like the paper's
+Tables 1–2: pooled results, one row per method grouped two-stage then end-to-end, one column per
+metric, cells ``mean [ci_low, ci_high]`` of the bootstrap, ×100 with one decimal (the paper
+reports ×100). The best mean of each column (at the shown precision) is bold; every metric is
+higher-is-better.
+
+`python -m e2epath tables --metrics results/metrics/T.tsv --md-out results/tables/T.md
+--tex-out results/tables/T.tex [--decimals 1] [--caption TEXT]`
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = {"auc": "AUC", "accuracy": "Acc.", "balanced_accuracy": "Bal. Acc.",
+                "macro_f1": "Macro F1", "qwk": "QWK", "c_index": "C-index"}
+GROUPS = (("twostage", "Two-stage"), ("e2e", "End-to-end"))
+SCALE = 100.0
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                "–": "--", "×": r"$\times$"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def pooled_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Pooled rows → (family, method) × metric frame of (mean, ci_low, ci_high) tuples."""
+    missing = {"method", "family", "fold", "metric", "mean", "ci_low", "ci_high"} - set(metrics.columns)
+    if missing:
+        raise ValueError(f"metrics table lacks column(s) {sorted(missing)}; produce it with `e2epath evaluate`")
+    pooled = metrics[metrics["fold"].astype(str) == "pooled"]
+    if pooled.empty:
+        raise ValueError("metrics table has no pooled rows; produce it with `e2epath evaluate`")
+    order = [m for m in METRIC_NAMES if m in set(pooled["metric"])]
+    order += sorted(set(pooled["metric"]) - set(order))
+    cells = pooled.assign(cell=list(zip(pooled["mean"], pooled["ci_low"], pooled["ci_high"])))
+    table = cells.pivot(index=["family", "method"], columns="metric", values="cell")
+    return table[order]
+
+
+def _fmt(value: float, decimals: int) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value * SCALE:.{decimals}f}"
+
+
+def _cells(table: pd.DataFrame, decimals: int) -> tuple[dict, dict]:
+    """Formatted cell text and whether it is the best (bold) in its column."""
+    text, best = {}, {}
+    for metric in table.columns:
+        means = {idx: _fmt(c[0], decimals) for idx, c in table[metric].items() if isinstance(c, tuple)}
+        shown = [float(v) for v in means.values() if v != "–"]
+        top = max(shown) if shown else None
+        for idx, c in table[metric].items():
+            if not isinstance(c, tuple):  # a metric missing for this method
+                text[idx, metric], best[idx, metric] = "–", False
+                continue
+            text[idx, metric] = f"{means[idx]} [{_fmt(c[1], decimals)}, {_fmt(c[2], decimals)}]"
+            best[idx, metric] = top is not None and means[idx] != "–" and float(means[idx]) == top
+    return text, best
+
+
+def _groups(table: pd.DataFrame):
+    for family, title in GROUPS:
+        rows = [idx for idx in table.index if idx[0] == family]
+        if rows:
+            yield title, rows
+    other = [idx for idx in table.index if idx[0] not in dict(GROUPS)]
+    if other:
+        yield "Other", other
+
+
+def to_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
+    text, best = _cells(table, decimals)
+    heads = [METRIC_NAMES.get(m, m) for m in table.columns]
+    lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for title, rows in _groups(table):
+        lines.append(f"| *{title}* |" + " |" * len(heads))
+        for idx in rows:
+            cells = [f"**{text[idx, m]}**" if best[idx, m] else text[idx, m] for m in table.columns]
+            lines.append(f"| {idx[1]} | " + " | ".join(cells) + " |")
+    note = f"Pooled over folds; bootstrap mean [95% CI] ×{SCALE:g}; best mean per column in bold."
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def to_latex(table: pd.DataFrame, decimals: int = 1, caption: str = "", label: str = "") -> str:
+    """A booktabs table; ``caption`` is plain text (escaped here)."""
+    text, best = _cells(table, decimals)
+    heads = [tex_escape(METRIC_NAMES.get(m, m)) for m in table.columns]
+    ncol = len(heads) + 1
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(rf"\caption{{{tex_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines += [r"\begin{tabular}{l" + "c" * len(heads) + "}", r"\toprule",
+              "Method & " + " & ".join(heads) + r" \\"]
+    for title, rows in _groups(table):
+        lines += [r"\midrule", rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{title}}}}} \\"]
+        for idx in rows:
+            cells = [rf"\textbf{{{tex_escape(text[idx, m])}}}" if best[idx, m] else tex_escape(text[idx, m])
+                     for m in table.columns]
+            lines.append(tex_escape(idx[1]) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="e2epath tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--metrics", required=True, type=Path, help="results/metrics/{task}.tsv")
+    ap.add_argument("--md-out", required=True, type=Path)
+    ap.add_argument("--tex-out", required=True, type=Path)
+    ap.add_argument("--decimals", type=int, default=1, help="decimals of the ×100 values")
+    ap.add_argument("--caption", default=None, help="LaTeX caption (default names the task)")
+    args = ap.parse_args(argv)
+    task = args.metrics.stem
+    try:
+        table = pooled_table(pd.read_csv(args.metrics, sep="\t", dtype={"fold": str, "method": str}))
+    except (OSError, ValueError) as err:
+        logger.error("%s: %s", args.metrics, err)
+        return 2
+    caption = args.caption or f"{task}: pooled test results, bootstrap mean [95% CI] ×100; best in bold."
+    _write_text(to_markdown(table, args.decimals), args.md_out)
+    _write_text(to_latex(table, args.decimals, caption, f"tab:{task}"), args.tex_out)
+    logger.info("task %s: table of %d methods × %d metrics → %s, %s", task, len(table),
+                table.shape[1], args.md_out, args.tex_out)
+    return 0

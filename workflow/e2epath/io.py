@@ -1,0 +1,68 @@
+"""Atomic file outputs and small JSON helpers shared by every stage.
+
+Every output is written to a temporary name in the same folder (same file system, so the final
+``os.replace`` is atomic) and renamed only when complete: a killed job never leaves a file that a
+rerun would accept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def tmp_name(path: str | Path) -> Path:
+    """The temporary sibling of ``path`` used while it is being written."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed and the exception
+    propagates; ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if not tmp.exists():
+        raise FileNotFoundError(f"{tmp} was not written; refusing to create {path}")
+    os.replace(tmp, path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; the error names the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

@@ -1,0 +1,118 @@
+"""End-to-end training: encoder + aggregator trained jointly on multi-scale random samples.
+
+What is E2E-specific lives here: the joint model, the sampled-bag loader, and prediction of a
+full bag (every patch of the evaluation magnification through the encoder in chunks under
+no_grad). The loop, the tasks and the outputs are shared with two-stage training.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data import Bag, MultiScaleBagDataset, balanced_order, iter_full_bag, load_bags
+from ..models import build_aggregator
+from .fold import (bag_outputs, encoder_from_spec, finish_checkpoint, keep_cases, load_fold, make_task,
+                   parser, prepare_checkpoint)
+from .loop import device, fit, write_outputs
+
+logger = logging.getLogger(__name__)
+
+
+class E2EModel(nn.Module):
+    """Encoder applied to every instance, then the MIL aggregator over each bag."""
+
+    def __init__(self, encoder: nn.Module, aggregator: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.aggregator = encoder, aggregator
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] → [n, D]; channels_last feeds cuDNN's fast NHWC kernels on GPU."""
+        if patches.is_cuda:
+            patches = patches.contiguous(memory_format=torch.channels_last)
+        return self.encoder(patches)
+
+    def forward(self, bags: torch.Tensor) -> torch.Tensor:
+        b, s = bags.shape[:2]
+        feats = self.encode(bags.flatten(0, 1)).view(b, s, -1)
+        return self.aggregator(feats)
+
+
+def sampled_batches(dataset: MultiScaleBagDataset, strata: np.ndarray, spec: dict, seed: int, dev):
+    """epoch → iterator of (bags [B,S,3,H,W], targets): order seeded by (seed, epoch)."""
+    def batches(epoch: int):
+        dataset.set_epoch(epoch)
+        oversample = spec["oversample"] and spec["task_type"] != "survival"
+        order = balanced_order(strata, np.random.default_rng([seed, epoch]), oversample)
+        loader = DataLoader(Subset(dataset, order.tolist()), batch_size=spec["batch_size"],
+                            num_workers=spec["workers"], pin_memory=dev.type == "cuda",
+                            persistent_workers=False)
+        for patches, target, _ in loader:
+            yield patches.to(dev, non_blocking=True), target
+    return batches
+
+
+def full_bag_predictor(model: E2EModel, task, bags: dict[str, Bag], spec: dict, dev):
+    """case ids → (predictions, attention per slide), all patches of the eval magnification."""
+    mag, size, chunk = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"]
+
+    @torch.no_grad()
+    def predict(case_ids: list[str]):
+        model.eval()
+        logits, attention = [], []
+        for case in case_ids:
+            feats, parts = [], []
+            for slide, coords, x in iter_full_bag(bags[case], mag, size, chunk):
+                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                    feats.append(model.encode(x.to(dev)).float())
+                parts.append((slide, coords))
+            if not feats:
+                raise RuntimeError(f"case {case}: no patches at {mag}x for evaluation")
+            out, attn = model.aggregator(torch.cat(feats)[None], return_attention=True)
+            logits.append(out.float())
+            attention.append((attn[0], _merge(parts)))
+        return bag_outputs(task, case_ids, logits, attention)
+    return predict
+
+
+def _merge(parts):
+    """Chunks of one slide → one (slide, coords) entry, keeping slide order."""
+    merged: dict[str, list] = {}
+    for slide, coords in parts:
+        merged.setdefault(slide, []).append(coords)
+    return [(s, np.concatenate(c)) for s, c in merged.items()]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = parser("e2epath train_e2e")
+    ap.add_argument("--rows", nargs="+", required=True, help="manifest rows results/patches/{mag}x/{slide}.json")
+    args = ap.parse_args(argv)
+    fold = load_fold(args)
+    spec, dev = fold.spec, device()
+    all_cases = sum(fold.cases.values(), [])
+    bags = load_bags(args.slides, args.rows, all_cases)
+    eval_mag = spec["eval_magnification"]
+    keep_cases(fold, {c for c, b in bags.items() if b.n_patches(eval_mag) > 0})
+    task = make_task(fold)
+    encoder = encoder_from_spec(spec["encoder"], spec["weights"], args.seed)
+    aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, task.n_outputs, **spec["aggregator_kw"])
+    model = E2EModel(encoder, aggregator).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    train = fold.cases["train"]
+    sampling = spec["sampling"]
+    dataset = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train],
+                                   spec["n_instances"], sampling["magnifications"], sampling["ratios"],
+                                   spec["input_size"], args.seed)
+    batches = sampled_batches(dataset, task.strata(train), spec, args.seed * 1000 + args.fold, dev)
+    predict = full_bag_predictor(model, task, bags, spec, dev)
+    prepare_checkpoint(fold.checkpoint, spec)
+    per_step = sum(dataset.counts) * spec["batch_size"]
+    result = fit(model, task, batches, predict, fold.cases["val"], spec, fold.checkpoint, per_step)
+    write_outputs(result, model, predict, fold.cases["test"], spec, fold.outputs,
+                  extra={"classes": getattr(task, "classes", None)})
+    finish_checkpoint(fold.checkpoint)
+    return 0

@@ -1,0 +1,155 @@
+"""The one training loop shared by E2E and two-stage training.
+
+It owns what both share: optimiser and cosine schedule with warm-up, AMP on CUDA, gradient
+accumulation, per-epoch checkpoints with resume, model selection and early stopping on the
+**validation** subset only. The test subset is predicted once, after training, with the
+selected weights. What differs (how a batch is drawn, how a full bag is predicted) comes in
+as two callables.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..evaluate.metrics import main_metric, task_metrics
+from ..io import atomic_path
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+# (inputs, targets) for one optimisation step; inputs are whatever the model's forward takes.
+Batches = Callable[[int], Iterable[tuple[Any, torch.Tensor]]]
+# case ids → (predictions DataFrame, {slide_id: (attention [heads, N], coords [N, 2])})
+Predict = Callable[[list[str]], tuple[pd.DataFrame, dict]]
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    best_epoch: int
+    best_state: dict
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_optimizer(params, spec: dict) -> torch.optim.Optimizer:
+    cls = torch.optim.Adam if spec["optimizer"] == "adam" else torch.optim.AdamW
+    return cls(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+
+
+def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """Linear warm-up, then cosine annealing to 0 (per epoch)."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _better(value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    return math.isnan(best) or value > best
+
+
+def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
+        val_cases: list[str], spec: dict, checkpoint: Path, patches_per_step: int) -> FitResult:
+    """Train ``model``; resume from ``checkpoint`` when it exists; select on validation."""
+    dev = device()
+    opt = build_optimizer(model.parameters(), spec)
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "best_state": None, "history": [], "bad": 0}
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        logger.info("resuming from %s at epoch %d", checkpoint, state["epoch"])
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    metric = main_metric(spec["task_type"])
+    epochs = spec["epochs"]
+    for epoch in tqdm(range(state["epoch"], epochs), desc="epochs", initial=state["epoch"], total=epochs):
+        for group in opt.param_groups:
+            group["lr"] = spec["lr"] * lr_factor(epoch, epochs, spec["warmup_epochs"])
+        t0 = time.perf_counter()
+        loss, n_steps = train_epoch(model, task, batches(epoch), opt, scaler, spec["accumulate"], dev)
+        seconds = time.perf_counter() - t0
+        val_df, _ = predict(val_cases)
+        value = task_metrics(spec["task_type"], val_df).get(metric, float("nan")) if len(val_df) else float("nan")
+        state["history"].append({"epoch": epoch, "train_loss": loss, "val_metric": value,
+                                 "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
+                                 "patches_per_s": round(n_steps * patches_per_step / max(seconds, 1e-9), 1)})
+        logger.info("epoch %d: train loss %.4f, val %s %.4f (%.1fs)", epoch, loss, metric, value, seconds)
+        if _better(value, state["best"]):
+            state.update(best=value, best_epoch=epoch, bad=0,
+                         best_state=copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}))
+        else:
+            state["bad"] += 1
+        state["epoch"] = epoch + 1
+        _save(checkpoint, model, opt, state)
+        if spec.get("patience") and state["bad"] >= spec["patience"]:
+            logger.info("early stop: val %s has not improved for %d epochs", metric, state["bad"])
+            break
+    logger.info("selected epoch %d on validation %s = %s", state["best_epoch"], metric, state["best"])
+    return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_state"])
+
+
+def train_epoch(model, task: Task, batches, opt, scaler, accumulate: int, dev) -> tuple[float, int]:
+    model.train()
+    total, n = 0.0, 0
+    opt.zero_grad(set_to_none=True)
+    for step, (inputs, target) in enumerate(batches, start=1):
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            logits = model(inputs)
+        loss = task.loss(logits, target.to(dev))
+        scaler.scale(loss / accumulate).backward()
+        if step % accumulate == 0:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        total, n = total + float(loss.detach()), n + 1
+    if n % accumulate:
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return total / max(n, 1), n
+
+
+def _save(path: Path, model, opt, state) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, tmp)
+
+
+def write_outputs(result: FitResult, model: torch.nn.Module, predict: Predict, test_cases: list[str],
+                  spec: dict, out: dict[str, Path], extra: dict | None = None) -> pd.DataFrame:
+    """Predict the test subset with the validation-selected weights; write every output."""
+    import numpy as np
+
+    model.load_state_dict(result.best_state)
+    preds, attention = predict(test_cases)
+    with atomic_path(out["predictions"]) as tmp:
+        preds.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out["history"]) as tmp:
+        result.history.to_csv(tmp, sep="\t", index=False)
+    arrays = {"__magnification__": np.array(spec["eval_magnification"])}
+    for slide, (attn, coords) in attention.items():
+        arrays[slide] = attn.astype(np.float32)
+        arrays[f"{slide}__coords"] = coords.astype(np.int32)
+    with atomic_path(out["attention"]) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    with atomic_path(out["model"]) as tmp:
+        torch.save({"model": result.best_state, "spec": spec, "best_epoch": result.best_epoch,
+                    **(extra or {})}, tmp)
+    return preds

@@ -1,0 +1,109 @@
+# Sample sheet, config validation, input functions and wildcard constraints shared by all rules.
+import json
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from e2epath import sheets  # noqa: E402
+from e2epath.methods import magnifications_used, resolve_methods, with_task_defaults  # noqa: E402
+
+validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+STEP = str(Path(workflow.basedir) / "workflow" / "scripts" / "step.py")
+ENVS = Path(workflow.basedir) / "envs"
+
+# The demo cohort is planned (ids, paths) at parse time and written by the `demo_cohort` rule.
+DEMO = config["demo"]["enabled"] and not Path(config["samples"]).exists()
+if DEMO:
+    from e2epath import demo
+
+    SAMPLES = demo.plan(config["demo"]["n_slides"], config["demo"]["seed"])
+    SAMPLES["path"] = [str(Path(config["samples"]).parent / p) for p in SAMPLES["path"]]
+else:
+    try:
+        SAMPLES = sheets.validate_all(config)
+    except sheets.SheetError as err:
+        raise WorkflowError(str(err))
+SAMPLES = SAMPLES.set_index("slide_id", drop=False)
+SLIDES = list(SAMPLES.index)
+TASKS = config["tasks"]
+MAGS = config["preprocess"]["magnifications"]
+try:
+    METHODS = resolve_methods(config)
+except ValueError as err:
+    raise WorkflowError(str(err))
+E2E_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "e2e"]
+TS_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "twostage"]
+
+
+def folds():
+    split = config["splits"]
+    return list(range(split["k"])) if split["mode"] == "kfold" else [0]
+
+
+wildcard_constraints:
+    slide=r"[A-Za-z0-9._-]+",
+    task="|".join(TASKS),
+    mag=r"5|10|20|40",
+    fold=r"\d+",
+    method=r"[A-Za-z0-9._-]+",
+    encoder=r"resnet18|resnet50",
+
+
+def env(name):
+    return str(ENVS / f"{name}.yaml")
+
+
+def slide_path(wildcards):
+    return SAMPLES.loc[wildcards.slide, "path"]
+
+
+def sheet_mpp(wildcards):
+    mpp = SAMPLES.loc[wildcards.slide, "mpp"]
+    return None if mpp != mpp or mpp is None else float(mpp)  # NaN check
+
+
+def case_of(wildcards):
+    return SAMPLES.loc[wildcards.slide, "case_id"]
+
+
+def method_spec(wildcards):
+    task = TASKS[wildcards.task]
+    return with_task_defaults(METHODS[wildcards.method], task["type"], task["n_bins"])
+
+
+def method_json(wildcards):
+    """A method's resolved hyper-parameters as a plain value: a change reruns only its jobs."""
+    return json.dumps(method_spec(wildcards), sort_keys=True)
+
+
+def method_rows(wildcards):
+    """Manifest rows of the magnifications this method reads (another one added: no rerun)."""
+    return patch_rows(magnifications_used(method_spec(wildcards)))
+
+
+def patch_rows(mags):
+    return expand("results/patches/{mag}x/{slide}.json", mag=mags, slide=SLIDES)
+
+
+def lmdbs(mags):
+    return expand("results/lmdb/{mag}x/{slide}.lmdb", mag=mags, slide=SLIDES)
+
+
+def predictions(task):
+    e2e = expand("results/e2e/{task}/{method}/fold{fold}/predictions.tsv", task=task,
+                 method=E2E_METHODS, fold=folds())
+    ts = expand("results/twostage/{task}/{method}/fold{fold}/predictions.tsv", task=task,
+                method=TS_METHODS, fold=folds())
+    return e2e + ts
+
+
+def all_outputs():
+    outs = ["results/slides.tsv", "results/patches/manifest.tsv"]
+    outs += expand("results/splits/{task}.tsv", task=TASKS)
+    outs += expand("results/metrics/{task}.tsv", task=TASKS)
+    outs += expand("results/tables/{task}.md", task=TASKS)
+    outs += expand("results/figures/{task}", task=TASKS)
+    outs += ["results/figures/cohort"]
+    return outs

@@ -1,0 +1,62 @@
+# Two-stage baseline: frozen-encoder features per slide, then MIL on full bags, same splits.
+
+TS = config["twostage"]
+TS_FEATURES = expand("results/features/{encoder}/{mag}x/{slide}.pt", encoder=TS["encoder"],
+                     mag=TS["magnification"], slide=SLIDES)
+
+
+rule extract_features:
+    input:
+        rows=expand("results/patches/{mag}x/{{slide}}.json", mag=MAGS),
+    output:
+        out="results/features/{encoder}/{mag}x/{slide}.pt",
+    params:
+        step="extract_features",
+        encoder="{encoder}",
+        magnification="{mag}",
+        weights=str(TS["weights"]),  # "None" = random init; a missing flag would mean "auto"
+        input_size=TS["input_size"],
+        batch_size=TS["batch_size"],
+        seed=config["seed"],
+    log:
+        "results/logs/extract_features/{encoder}/{mag}x/{slide}.log",
+    benchmark:
+        "results/benchmarks/extract_features/{encoder}/{mag}x/{slide}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    script:
+        "../scripts/step.py"
+
+
+rule train_mil:
+    input:
+        splits="results/splits/{task}.tsv",
+        labels=lambda w: TASKS[w.task]["labels"],
+        slides="results/slides.tsv",
+        features=TS_FEATURES,
+    output:
+        model="results/twostage/{task}/{method}/fold{fold}/model.pt",
+        history="results/twostage/{task}/{method}/fold{fold}/history.tsv",
+        predictions="results/twostage/{task}/{method}/fold{fold}/predictions.tsv",
+        attention="results/twostage/{task}/{method}/fold{fold}/attention.npz",
+    params:
+        step="train_mil",
+        fold="{fold}",
+        spec=method_json,
+        seed=config["seed"],
+    log:
+        "results/logs/train_mil/{task}/{method}/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_mil/{task}/{method}/fold{fold}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=6 * 60,
+        gpu=1,
+    script:
+        "../scripts/step.py"
