@@ -151,6 +151,20 @@ def test_read_window_equals_openslide_public_read(slides, level, x0, y0, w, h):
     assert np.array_equal(sl.read_window(osr, level, x0, y0, w, h), ref[..., :3])
 
 
+def test_transparent_pixels_composite_on_white_in_both_read_paths():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (40, 50)).astype(np.uint8)
+    alpha[:5] = 0
+    straight = np.dstack([rgb, alpha])                            # openslide-python's RGBA
+    premult = (rgb.astype(np.float64) * alpha[..., None] / 255).round().astype(np.uint8)
+    bgra = np.dstack([premult[..., ::-1], alpha])                 # OpenSlide's ARGB words, little-endian
+    expect = rgb * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255)
+    for got in (sl._rgba_to_rgb(straight), sl._bgra_to_rgb(bgra)):
+        assert (got[:5] == 255).all()
+        assert np.abs(got.astype(float) - expect).max() <= 1.01
+
+
 def test_read_window_outside_slide_is_white(slides):
     osr = sl.open_slide(slides["aperio40"])
     win = sl.read_window(osr, 0, 3001 - 50, 0, 100, 10)

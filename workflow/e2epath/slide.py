@@ -156,20 +156,26 @@ def choose_level(level_downsamples: Sequence[float], slide_mpp: float, target_mp
     )
 
 
+# openslide_read_region via openslide-python's ctypes binding; None where it is missing (then the
+# public PIL API is used) or on big-endian machines (the byte order below assumes little-endian).
+_READ_REGION = getattr(lowlevel, "_read_region", None) if sys.byteorder == "little" else None
+_HANDLE_TYPE = getattr(lowlevel, "_OpenSlide", None)
+
+
+def _fast_path(osr: openslide.AbstractSlide) -> bool:
+    return _READ_REGION is not None and _HANDLE_TYPE is not None and isinstance(getattr(osr, "_osr", None), _HANDLE_TYPE)
+
+
 def _read_bgra(osr: openslide.OpenSlide, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     """OpenSlide's premultiplied ARGB words straight into a numpy buffer: (h, w, 4) B, G, R, A bytes.
 
-    Skips openslide-python's PIL round trip (two full copies and an un-premultiply), which costs
-    about half as much as decoding the JPEG tiles. Falls back to the public API where the ctypes
-    entry point is missing or the machine is big-endian.
+    Skips openslide-python's PIL round trip (un-premultiply, two full copies, a strided channel
+    copy), measured here at about a third of the time of the read itself.
     """
     buf = np.empty((h, w, 4), np.uint8)
     if w and h:
         _READ_REGION(osr._osr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x0, y0, level, w, h)
     return buf
-
-
-_READ_REGION = getattr(lowlevel, "_read_region", None) if sys.byteorder == "little" else None
 
 
 def _bgra_to_rgb(bgra: np.ndarray) -> np.ndarray:
@@ -200,7 +206,7 @@ def read_window(osr: openslide.AbstractSlide, level: int, x0: int, y0: int, w: i
     ds = float(osr.level_downsamples[level])  # after an error the handle answers nothing
     x0, y0, w, h, level = int(x0), int(y0), int(w), int(h), int(level)
     try:
-        if _READ_REGION is not None and isinstance(getattr(osr, "_osr", None), lowlevel._OpenSlide):
+        if _fast_path(osr):
             return _bgra_to_rgb(_read_bgra(osr, level, x0, y0, w, h))
         return _rgba_to_rgb(np.asarray(osr.read_region((x0, y0), level, (w, h))))
     except lowlevel.OpenSlideError as e:

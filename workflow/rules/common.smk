@@ -19,7 +19,8 @@ if DEMO:
     from e2epath import demo
 
     SAMPLES = demo.plan(config["demo"]["n_slides"], config["demo"]["seed"])
-    SAMPLES["path"] = [str(Path(config["samples"]).parent / p) for p in SAMPLES["path"]]
+    # absolute, as load_samples gives them: the next run reads the written sheet, same inputs
+    SAMPLES["path"] = [str((Path(config["samples"]).parent / p).resolve()) for p in SAMPLES["path"]]
 else:
     try:
         SAMPLES = sheets.validate_all(config)
@@ -33,6 +34,11 @@ try:
     METHODS = resolve_methods(config)
 except ValueError as err:
     raise WorkflowError(str(err))
+for name, spec in METHODS.items():
+    missing = sorted(set(magnifications_used(spec)) - set(MAGS))
+    if missing:
+        raise WorkflowError(f"config: method {name!r} reads {missing}x patches but "
+                            f"preprocess.magnifications is {MAGS}; add them there")
 E2E_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "e2e"]
 TS_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "twostage"]
 

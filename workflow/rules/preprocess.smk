@@ -6,7 +6,7 @@ if DEMO:
     rule demo_cohort:
         output:
             config["samples"],
-            [Path(config["samples"]).parent / p for p in demo.plan(config["demo"]["n_slides"], config["demo"]["seed"])["path"]],
+            list(SAMPLES["path"]),
             expand("{out}/labels/{name}.csv", out=Path(config["samples"]).parent, name=["subtype", "survival"]),
         params:
             step="demo",

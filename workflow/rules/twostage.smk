@@ -7,7 +7,9 @@ TS_FEATURES = expand("results/features/{encoder}/{mag}x/{slide}.pt", encoder=TS[
 
 rule extract_features:
     input:
-        rows=expand("results/patches/{mag}x/{{slide}}.json", mag=MAGS),
+        # the configured magnification and the coarser ones it may fall back to (not finer ones:
+        # adding 40x must not redo 20x features)
+        rows=lambda w: expand("results/patches/{mag}x/{slide}.json", mag=[m for m in MAGS if m <= int(w.mag)], slide=w.slide),
     output:
         out="results/features/{encoder}/{mag}x/{slide}.pt",
     params:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
