@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow"))
 
 IN_DIM, INNER, HEADS, THREADS = 1024, 256, 8, 2
-GOALS = "goals: N=10^4 ≤ 1.5 s and ≤ 0.5 GB extra; N=10^5 completes with ≤ 3 GB extra; train step ratio ≤ 1.05"
+GOALS = ("goals: N=10^4 ≤ 1.5 s and ≤ 0.5 GB extra; N=10^5 completes with ≤ 3 GB extra; "
+         "train step ratio ≤ 1.05")
 
 
 def max_rss_mb() -> float:
@@ -100,8 +101,10 @@ def train_worker(patches: int, size: int, pairs: int = 3) -> dict:
         for name in (("abmil", "abmilx") if i % 2 == 0 else ("abmilx", "abmil")):
             times[name].append(step(name))
     ratios = [x / b for x, b in zip(times["abmilx"], times["abmil"])]
-    return {"abmil_s": statistics.median(times["abmil"]), "abmilx_s": statistics.median(times["abmilx"]),
-            "ratio": statistics.median(ratios), "ratios": ratios}
+    # Background load only ever adds time, so the ratio of the fastest steps is the robust one.
+    return {"abmil_s": min(times["abmil"]), "abmilx_s": min(times["abmilx"]),
+            "ratio_min": min(times["abmilx"]) / min(times["abmil"]),
+            "ratio_median_pairs": statistics.median(ratios), "ratios": ratios}
 
 
 def run_worker(spec: dict) -> dict:
@@ -109,7 +112,8 @@ def run_worker(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        lines = done.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -133,10 +137,10 @@ def forward_table(sizes: list[int]) -> list[str]:
         res["naive"] = run_worker({"kind": "forward", "model": "naive", "n": n}) if n <= 20000 else None
         for m, r in res.items():
             print(f"  forward {m:6s} N={n}: {r}", file=sys.stderr, flush=True)
-        rows.append(f"| {n} | {fmt(res['abmilx'], 'seconds', '.3f')} | {fmt(res['abmilx'], 'extra_mb', '.0f')} "
-                    f"| {fmt(res['abmil'], 'seconds', '.3f')} | {fmt(res['abmil'], 'extra_mb', '.0f')} "
-                    f"| {fmt(res['naive'], 'seconds', '.3f')} | {fmt(res['naive'], 'extra_mb', '.0f')} "
-                    f"| {ratio(res['abmilx'], res['abmil'])} | {ratio(res['naive'], res['abmilx'])} |")
+        cells = [fmt(res[m], key, spec) for m in ("abmilx", "abmil", "naive")
+                 for key, spec in (("seconds", ".3f"), ("extra_mb", ".0f"))]
+        cells += [ratio(res["abmilx"], res["abmil"]), ratio(res["naive"], res["abmilx"])]
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -147,16 +151,19 @@ def train_table(patches: int, size: int, pairs: int) -> list[str]:
             f"patches of {size}×{size}, CPU {THREADS} threads, {pairs} alternating pairs after warm-up:")
     if "error" in res:
         return [head, "", f"error: {res['error']}"]
-    return [head, "", "| ABMIL step s (median) | ABMILX step s (median) | ABMILX / ABMIL (median of pairs) |",
-            "|---|---|---|", f"| {res['abmil_s']:.2f} | {res['abmilx_s']:.2f} | {res['ratio']:.3f} |"]
+    return [head, "", "| ABMIL step s (best) | ABMILX step s (best) | ABMILX / ABMIL (best) "
+            "| ABMILX / ABMIL (median of pairs) |", "|---|---|---|---|",
+            f"| {res['abmil_s']:.2f} | {res['abmilx_s']:.2f} | {res['ratio_min']:.3f} "
+            f"| {res['ratio_median_pairs']:.3f} |"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 10_000, 100_000],
+                        help="bag sizes for the forward table (none: skip it)")
     parser.add_argument("--patches", type=int, default=512)
     parser.add_argument("--patch-size", type=int, default=64)
-    parser.add_argument("--pairs", type=int, default=3, help="alternating ABMIL/ABMILX train steps")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating ABMIL/ABMILX train steps")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -170,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             result = train_worker(spec["patches"], spec["size"], spec["pairs"])
         print(json.dumps(result))
         return 0
-    lines = [f"Forward, eval/no_grad, CPU {THREADS} threads, in_dim {IN_DIM}, inner {INNER}, {HEADS} heads "
-             "(time: best of repeats):", ""] + forward_table(args.sizes)
+    lines = []
+    if args.sizes:
+        lines += [f"Forward, eval/no_grad, CPU {THREADS} threads, in_dim {IN_DIM}, inner {INNER}, "
+                  f"{HEADS} heads (time: best of repeats):", "", *forward_table(args.sizes)]
     if not args.skip_train:
-        lines += [""] + train_table(args.patches, args.patch_size, args.pairs)
+        lines += ["", *train_table(args.patches, args.patch_size, args.pairs)]
     print("\n".join(lines + ["", GOALS]), flush=True)
     return 0
 

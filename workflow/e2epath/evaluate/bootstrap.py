@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from e2epath.evaluate.metrics import TASK_TYPES, Cases, main_metric, prepare
+from ..io import atomic_path
+from .metrics import TASK_TYPES, Cases, main_metric, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +165,8 @@ def _display_names(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
 
 
 def _write_tsv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False)
 
 
 def _load(files: list[PredFile], task: str) -> dict[tuple[str, str], dict[int, pd.DataFrame]]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from ..io import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,7 @@ def to_latex(table: pd.DataFrame, decimals: int = 1, caption: str = "", label: s
 
 
 def _write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def cli(argv: list[str] | None = None) -> int:
