@@ -1,10 +1,15 @@
-"""Bag datasets: multi-scale random instance sampling (paper eq. 2), full bags, feature bags.
+"""Bag datasets: multi-scale random instance sampling (paper eq. 2) and full bags.
 
 A bag is a case: the patches of all its slides. Training draws ⌈s·σ_j⌉ patches per
 magnification j uniformly without replacement (with replacement only when the case has fewer),
-decodes RGB, applies geometric augmentation only (flips, RandomResizedCrop) and ImageNet RGB
-normalisation. Every draw comes from a generator seeded by (seed, epoch, bag), so the same
-config gives the same patches whatever the number of loader workers.
+decodes RGB and applies geometric augmentation only (flips, RandomResizedCrop). Items are uint8
+NHWC: ImageNet RGB normalisation happens on the device (`normalize`), so a loader worker ships a
+quarter of the bytes and the GPU, not the CPU, does the arithmetic.
+
+Every draw comes from a generator seeded by (seed, epoch, position in the epoch's order), so the
+same config gives the same patches whatever the number of loader workers, and a bag drawn twice
+in an epoch (minority oversampling) gets two different samples. Stores open lazily, once per
+worker process (`LmdbReader`).
 """
 from __future__ import annotations
 
@@ -26,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Decode straight to RGB when OpenCV can (≥ 4.10), saving a colour conversion per patch.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 @dataclass
 class Bag:
-    """One case: its slides' stores per magnification."""
+    """One case: its slides' stores per magnification (slide order as in the manifest rows)."""
 
     case_id: str
     slides: list[str]
@@ -41,56 +48,89 @@ class Bag:
 
 
 def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str]) -> dict[str, Bag]:
-    """Bags of ``cases`` from the manifest rows; slides that are not `ok` are skipped, logged."""
+    """Bags of ``cases`` from the manifest rows; slides that are not `ok` are skipped, logged.
+
+    A case none of whose slides has a usable store is left out with a warning naming it.
+    """
     sheet = pd.read_csv(slides_tsv, sep="\t", dtype={"slide_id": str, "case_id": str})
-    wanted = set(cases)
-    bags = {c: Bag(c, []) for c in cases}
     case_of = dict(zip(sheet["slide_id"], sheet["case_id"]))
-    for path in rows:
+    bags = {c: Bag(c, []) for c in cases}
+    problems: dict[str, list[str]] = {}
+    for path in sorted(map(str, rows)):  # a fixed slide order whatever order the rule lists rows in
         row = read_json(path)
         case = case_of.get(row["slide_id"])
-        if case not in wanted:
+        if case not in bags:
             continue
-        if row["status"] != "ok":
-            logger.info("skip slide %s at %sx: %s (%s)", row["slide_id"], row["magnification"],
-                        row["status"], row.get("message") or "")
+        if row["status"] != "ok" or not row.get("n_patches"):
+            why = f"{row['slide_id']} at {row['magnification']}x: {row['status']} {row.get('message') or ''}"
+            problems.setdefault(case, []).append(why.strip())
+            logger.info("skip slide %s", why)
             continue
         bag = bags[case]
         if row["slide_id"] not in bag.slides:
             bag.slides.append(row["slide_id"])
         bag.stores.setdefault(int(row["magnification"]), []).append(LmdbReader(row["lmdb"]))
-    empty = [c for c, b in bags.items() if not b.stores]
-    for c in empty:
-        logger.warning("case %s has no usable patches at any magnification; it is left out", c)
-        del bags[c]
+    for case in [c for c, b in bags.items() if not b.stores]:
+        logger.warning("case %s is skipped: no slide has usable patches at any magnification (%s)",
+                       case, "; ".join(problems.get(case, ["no manifest row"])))
+        del bags[case]
     return bags
 
 
 def scale_counts(n_instances: int, ratios: list[float]) -> list[int]:
-    """ŝ_j = ⌈s·σ_j⌉ (paper eq. 2)."""
+    """ŝ_j = ⌈s·σ_j⌉ (paper eq. 2); the tolerance keeps 0.3·10 from rounding up to 4."""
     return [math.ceil(n_instances * r - 1e-9) for r in ratios]
 
 
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """JPEG bytes → RGB uint8 [H, W, 3]."""
+    buf = np.frombuffer(jpeg, np.uint8)
+    if _IMREAD_RGB is not None:
+        rgb = cv2.imdecode(buf, _IMREAD_RGB)
+    else:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        rgb = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if rgb is None:
+        raise ValueError("patch is not a decodable JPEG")
+    return rgb
+
+
+def read_rgb(store: LmdbReader, index: int) -> np.ndarray:
+    try:
+        return decode_rgb(store.get_jpeg(index))
+    except ValueError as err:
+        raise ValueError(f"{store.path} patch {index}: {err}; re-run its patch job") from err
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., H, W, 3] → ImageNet-normalised float [..., 3, H, W] on x's device.
+
+    The result is a permuted view of NHWC memory, i.e. channels_last for 4-d input.
+    """
+    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=x.device)
+    inv_std = torch.as_tensor(1 / (IMAGENET_STD * 255), device=x.device)
+    y = (x.float() - mean) * inv_std
+    return y.movedim(-1, -3)
+
+
 def to_tensor(patches: np.ndarray) -> torch.Tensor:
-    """uint8 RGB [N, H, W, 3] → normalised float [N, 3, H, W]."""
-    x = (patches.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    """uint8 RGB [N, H, W, 3] → normalised float [N, 3, H, W] (contiguous, on the CPU)."""
+    return normalize(torch.from_numpy(np.ascontiguousarray(patches))).contiguous()
 
 
 def augment(rgb: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Flips and RandomResizedCrop (scale 0.5–1, ratio 3/4–4/3); geometry only, no colour."""
+    """Flips and RandomResizedCrop (area 0.5–1, aspect 3/4–4/3) to ``size``; geometry only."""
     h, w = rgb.shape[:2]
     area = h * w * rng.uniform(0.5, 1.0)
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     cw = min(w, int(round(math.sqrt(area * aspect))))
     ch = min(h, int(round(math.sqrt(area / aspect))))
-    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     out = cv2.resize(rgb[y0:y0 + ch, x0:x0 + cw], (size, size), interpolation=cv2.INTER_AREA)
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1]
-    return np.ascontiguousarray(out)
+    flip_x, flip_y = rng.random() < 0.5, rng.random() < 0.5
+    if flip_x or flip_y:  # cv2.flip codes: 1 horizontal, 0 vertical, -1 both
+        out = cv2.flip(out, -1 if flip_x and flip_y else (1 if flip_x else 0))
+    return out
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -100,54 +140,80 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 class MultiScaleBagDataset(Dataset):
-    """Training bags of exactly Σ⌈s·σ_j⌉ patches: item → (patches [S,3,H,W], target, index)."""
+    """Training bags of exactly Σ⌈s·σ_j⌉ patches, in the order set by :meth:`set_epoch`.
+
+    Item ``i`` of an epoch is bag ``order[i]``: (uint8 patches [S, H, W, 3], target, bag index).
+    """
 
     def __init__(self, bags: list[Bag], targets: list[torch.Tensor], n_instances: int,
                  magnifications: list[int], ratios: list[float], input_size: int, seed: int) -> None:
+        if len(magnifications) != len(ratios) or abs(sum(ratios) - 1) > 1e-6:
+            raise ValueError(f"sampling: {len(ratios)} ratios for {len(magnifications)} magnifications "
+                             f"summing to {sum(ratios):g}; give one ratio per magnification, summing to 1")
         self.bags, self.targets = bags, targets
-        self.mags, self.counts = magnifications, scale_counts(n_instances, ratios)
-        self.input_size, self.seed, self.epoch = input_size, seed, 0
+        self.mags, self.counts = list(magnifications), scale_counts(n_instances, ratios)
+        self.input_size, self.seed = input_size, seed
+        for bag in bags:
+            if not any(bag.n_patches(m) for m in self.mags):
+                raise ValueError(f"case {bag.case_id}: no patches at the sampling magnifications "
+                                 f"{self.mags}; drop it from training or add a magnification")
+        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, order: np.ndarray | None = None) -> None:
+        """The epoch (part of every draw's seed) and its bag order (default: each bag once)."""
         self.epoch = epoch
+        self.order = np.arange(len(self.bags)) if order is None else np.asarray(order, dtype=int)
 
     def __len__(self) -> int:
-        return len(self.bags)
+        return len(self.order)
 
-    def sample(self, index: int) -> list[tuple[int, int, int]]:
-        """(magnification, store, patch) triples drawn for bag ``index`` in this epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        bag, picks = self.bags[index], []
+    @property
+    def bag_size(self) -> int:
+        return sum(self.counts)
+
+    def scale_counts_of(self, bag: Bag) -> dict[int, int]:
+        """ŝ_j of this bag; a scale the case lacks gives its share to the first one it has."""
         counts = dict(zip(self.mags, self.counts))
         available = [m for m in self.mags if bag.n_patches(m) > 0]
-        for m in self.mags:  # a scale the case lacks gives its share to the first available one
+        for m in self.mags:
             if m not in available:
                 counts[available[0]] += counts.pop(m)
-        for m in available:
+        return counts
+
+    def sample(self, position: int) -> list[tuple[int, int, int]]:
+        """(magnification, store, patch) triples of item ``position`` of this epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, position])
+        bag, picks = self.bags[self.order[position]], []
+        for m, count in self.scale_counts_of(bag).items():
             sizes = [len(s) for s in bag.stores[m]]
             total = sum(sizes)
-            flat = rng.choice(total, size=counts[m], replace=total < counts[m])
+            flat = rng.choice(total, size=count, replace=total < count)
             offsets = np.cumsum([0] + sizes)
             store = np.searchsorted(offsets, flat, side="right") - 1
             picks += [(m, int(s), int(f - offsets[s])) for s, f in zip(store, flat)]
         return picks
 
-    def __getitem__(self, index: int):
-        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+    def __getitem__(self, position: int):
+        index = int(self.order[position])
         bag = self.bags[index]
-        patches = np.stack([augment(bag.stores[m][s].get_rgb(i), self.input_size, rng)
-                            for m, s, i in self.sample(index)])
-        return to_tensor(patches), self.targets[index], index
+        rng = np.random.default_rng([self.seed, self.epoch, position, 1])
+        patches = np.empty((self.bag_size, self.input_size, self.input_size, 3), np.uint8)
+        for k, (m, s, i) in enumerate(self.sample(position)):
+            patches[k] = augment(read_rgb(bag.stores[m][s], i), self.input_size, rng)
+        return torch.from_numpy(patches), self.targets[index], index
 
 
 def iter_full_bag(bag: Bag, magnification: int, input_size: int, chunk: int):
-    """All patches of the evaluation magnification, in chunks: yields (slide_id, coords, tensor)."""
-    for slide, store in zip(bag.slides, bag.stores.get(magnification, [])):
-        coords = store.coords
+    """Every patch of one magnification, slide by slide, in chunks.
+
+    Yields (slide_id, coords [n, 2], uint8 [n, H, W, 3]); `normalize` on the device.
+    """
+    for store in bag.stores.get(magnification, []):
+        slide, coords = store.meta["slide_id"], store.coords
         for start in range(0, len(store), chunk):
             stop = min(start + chunk, len(store))
-            rgb = np.stack([resize(store.get_rgb(i), input_size) for i in range(start, stop)])
-            yield store.meta["slide_id"], coords[start:stop], to_tensor(rgb)
+            rgb = np.stack([resize(read_rgb(store, i), input_size) for i in range(start, stop)])
+            yield slide, coords[start:stop], torch.from_numpy(rgb)
 
 
 def balanced_order(strata: np.ndarray, rng: np.random.Generator, oversample: bool) -> np.ndarray:

@@ -168,7 +168,7 @@ def cli(argv: list[str] | None = None) -> int:
             feats = extract(encoder, store, a.input_size, a.batch_size, dev, a.workers)
             out = record(slide, "ok", message, mag, feats, store.coords)
             logger.info("slide %s: %d patches at %dx → features %s", slide, len(feats), mag, tuple(feats.shape))
-        except ValueError as err:  # a damaged store is this slide's problem, not the run's
+        except (ValueError, KeyError) as err:  # a damaged store is this slide's problem, not the run's
             logger.error("slide %s: %s", slide, err)
             out = record(slide, "failed", str(err), mag)
     with atomic_path(a.out) as tmp:

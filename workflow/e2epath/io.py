@@ -66,3 +66,23 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def json_rows_to_tsv(paths: list[Path], fields: tuple[str, ...], out: str | Path) -> None:
+    """Aggregate one JSON record per file into a TSV (lists JSON-encoded, None empty), atomically."""
+    import csv
+
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(fields)
+        for path in paths:
+            rec = read_json(path)
+            writer.writerow([_cell(rec.get(k)) for k in fields])

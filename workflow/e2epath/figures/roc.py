@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from e2epath.evaluate.metrics import class_order
 from e2epath.figures.common import (FAMILY_LABEL, FAMILY_STYLE, FigureSkipped, display_names, method_colors,
                                     ordered)
 
@@ -22,14 +23,6 @@ logger = logging.getLogger(__name__)
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 
-
-def class_order(names) -> list[str]:
-    """Numeric order when every class name is a number (grades 2 < 10), else string order."""
-    names = [str(n) for n in names]
-    try:
-        return sorted(names, key=float)
-    except ValueError:
-        return sorted(names)
 
 
 def encode(df: pd.DataFrame, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -15,7 +15,6 @@ holds only its meta.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import slide as sl
-from ..io import atomic_path, read_json, write_json
+from ..io import json_rows_to_tsv, read_json, write_json
 from .store import LmdbWriter, encode_jpeg, write_empty_store
 
 logger = logging.getLogger(__name__)
@@ -275,11 +274,6 @@ def cli_manifest(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("jsons", nargs="*", type=Path)
     a = p.parse_args(argv)
-    with atomic_path(a.out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(MANIFEST_FIELDS)
-        for path in a.jsons:
-            row = read_json(path)
-            writer.writerow(["" if row.get(k) is None else row.get(k) for k in MANIFEST_FIELDS])
+    json_rows_to_tsv(a.jsons, MANIFEST_FIELDS, a.out)
     logger.info("wrote %d manifest rows to %s", len(a.jsons), a.out)
     return 0

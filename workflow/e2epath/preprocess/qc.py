@@ -6,15 +6,13 @@ text; the step still exits 0 so that one bad slide does not stop the cohort.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from .. import slide as sl
-from ..io import atomic_path, read_json, write_json
+from ..io import json_rows_to_tsv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +88,12 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return str(value)
-
-
 def cli_table(argv: list[str] | None = None) -> int:
     """Aggregate QC JSONs into one TSV (one row per slide, lists JSON-encoded)."""
     p = argparse.ArgumentParser(prog="e2epath qc-table")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("jsons", nargs="*", type=Path)
     a = p.parse_args(argv)
-    with atomic_path(a.out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(FIELDS)
-        for path in a.jsons:
-            rec = read_json(path)
-            writer.writerow([_cell(rec.get(k)) for k in FIELDS])
+    json_rows_to_tsv(a.jsons, FIELDS, a.out)
     logger.info("wrote %d slides to %s", len(a.jsons), a.out)
     return 0

@@ -11,9 +11,9 @@ import logging
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from ..data import Bag, MultiScaleBagDataset, balanced_order, iter_full_bag, load_bags
+from ..data import Bag, MultiScaleBagDataset, balanced_order, iter_full_bag, load_bags, normalize
 from ..models import build_aggregator
 from .fold import (bag_outputs, encoder_from_spec, finish_checkpoint, keep_cases, load_fold, make_task,
                    parser, prepare_checkpoint)
@@ -30,26 +30,35 @@ class E2EModel(nn.Module):
         self.encoder, self.aggregator = encoder, aggregator
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] → [n, D]; channels_last feeds cuDNN's fast NHWC kernels on GPU."""
-        if patches.is_cuda:
-            patches = patches.contiguous(memory_format=torch.channels_last)
-        return self.encoder(patches)
+        """uint8 RGB [n, H, W, 3] or normalised float [n, 3, H, W] → [n, D].
+
+        channels_last feeds cuDNN's fast NHWC kernels on GPU; the CPU keeps the default layout.
+        """
+        if patches.dtype == torch.uint8:
+            patches = normalize(patches)
+        layout = torch.channels_last if patches.is_cuda else torch.contiguous_format
+        return self.encoder(patches.contiguous(memory_format=layout))
 
     def forward(self, bags: torch.Tensor) -> torch.Tensor:
+        """bags: [B, S, H, W, 3] uint8 (or [B, S, 3, H, W] float) → logits [B, outputs]."""
         b, s = bags.shape[:2]
         feats = self.encode(bags.flatten(0, 1)).view(b, s, -1)
         return self.aggregator(feats)
 
 
+def epoch_order(strata: np.ndarray, spec: dict, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's bag order, seeded by (seed, epoch); minority classes oversampled (not survival)."""
+    oversample = spec["oversample"] and spec["task_type"] != "survival"
+    return balanced_order(strata, np.random.default_rng([seed, epoch]), oversample)
+
+
 def sampled_batches(dataset: MultiScaleBagDataset, strata: np.ndarray, spec: dict, seed: int, dev):
-    """epoch → iterator of (bags [B,S,3,H,W], targets): order seeded by (seed, epoch)."""
+    """epoch → iterator of (uint8 bags [B, S, H, W, 3] on ``dev``, targets)."""
     def batches(epoch: int):
-        dataset.set_epoch(epoch)
-        oversample = spec["oversample"] and spec["task_type"] != "survival"
-        order = balanced_order(strata, np.random.default_rng([seed, epoch]), oversample)
-        loader = DataLoader(Subset(dataset, order.tolist()), batch_size=spec["batch_size"],
+        dataset.set_epoch(epoch, epoch_order(strata, spec, seed, epoch))
+        loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=False,
                             num_workers=spec["workers"], pin_memory=dev.type == "cuda",
-                            persistent_workers=False)
+                            prefetch_factor=2 if spec["workers"] else None)
         for patches, target, _ in loader:
             yield patches.to(dev, non_blocking=True), target
     return batches
@@ -95,22 +104,29 @@ def cli(argv: list[str] | None = None) -> int:
     all_cases = sum(fold.cases.values(), [])
     bags = load_bags(args.slides, args.rows, all_cases)
     eval_mag = spec["eval_magnification"]
-    keep_cases(fold, {c for c, b in bags.items() if b.n_patches(eval_mag) > 0})
+    sampling = spec["sampling"]
+    # evaluation needs the eval magnification; training also needs one of the sampling ones
+    usable = {c for c, b in bags.items() if b.n_patches(eval_mag) > 0}
+    keep_cases(fold, usable, train_only={c for c in usable
+                                         if any(bags[c].n_patches(m) for m in sampling["magnifications"])})
     task = make_task(fold)
     encoder = encoder_from_spec(spec["encoder"], spec["weights"], args.seed)
     aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, task.n_outputs, **spec["aggregator_kw"])
     model = E2EModel(encoder, aggregator).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed bag shape: pick the fastest kernels once
     train = fold.cases["train"]
-    sampling = spec["sampling"]
+    seed = args.seed * 1000 + args.fold
     dataset = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train],
                                    spec["n_instances"], sampling["magnifications"], sampling["ratios"],
-                                   spec["input_size"], args.seed)
-    batches = sampled_batches(dataset, task.strata(train), spec, args.seed * 1000 + args.fold, dev)
+                                   spec["input_size"], seed)
+    logger.info("training bags: %d patches each (%s), %d px; evaluation: every patch at %dx",
+                dataset.bag_size, dict(zip(dataset.mags, dataset.counts)), spec["input_size"], eval_mag)
+    batches = sampled_batches(dataset, task.strata(train), spec, seed, dev)
     predict = full_bag_predictor(model, task, bags, spec, dev)
     prepare_checkpoint(fold.checkpoint, spec)
-    per_step = sum(dataset.counts) * spec["batch_size"]
+    per_step = dataset.bag_size * spec["batch_size"]
     result = fit(model, task, batches, predict, fold.cases["val"], spec, fold.checkpoint, per_step)
     write_outputs(result, model, predict, fold.cases["test"], spec, fold.outputs,
                   extra={"classes": getattr(task, "classes", None)})

@@ -27,6 +27,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--fold", type=int, required=True)
     ap.add_argument("--spec", required=True, help="the method's resolved hyper-parameters (JSON)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", default=None, help="task name, for messages")
     for name in ("model", "history", "predictions", "attention"):
         ap.add_argument(f"--{name}", required=True, type=Path)
     return ap
@@ -49,7 +50,7 @@ def load_fold(args: argparse.Namespace) -> Fold:
     if part.empty:
         raise SystemExit(f"{args.splits}: no rows for fold {args.fold}")
     cases = {s: sorted(part.loc[part["subset"] == s, "case_id"]) for s in ("train", "val", "test")}
-    labels = load_labels(args.labels, spec.get("name", "task"), spec["task_type"])
+    labels = load_labels(args.labels, args.task or spec.get("name", "task"), spec["task_type"])
     outputs = {k: getattr(args, k) for k in ("model", "history", "predictions", "attention")}
     logger.info("fold %d: %s", args.fold, {k: len(v) for k, v in cases.items()})
     return Fold(spec, labels, cases, outputs, args.model.parent / "checkpoint.pt")
@@ -61,15 +62,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def keep_cases(fold: Fold, available: set[str]) -> None:
-    """Drop cases without usable data from every subset, saying which."""
+def keep_cases(fold: Fold, available: set[str], train_only: set[str] | None = None) -> None:
+    """Drop cases without usable data from every subset, saying which.
+
+    ``train_only``: the stricter set a training case must belong to (e.g. patches at a sampling
+    magnification); defaults to ``available``.
+    """
     for subset, ids in fold.cases.items():
-        gone = [c for c in ids if c not in available]
+        allowed = available if subset != "train" or train_only is None else train_only
+        gone = [c for c in ids if c not in allowed]
         if gone:
-            logger.warning("%s: %d case(s) without usable patches skipped: %s", subset, len(gone), gone)
-        fold.cases[subset] = [c for c in ids if c in available]
+            logger.warning("%s: %d case(s) without usable patches skipped: %s", subset, len(gone),
+                           ", ".join(gone))
+        fold.cases[subset] = [c for c in ids if c in allowed]
     if not fold.cases["train"]:
         raise SystemExit("no training case has usable patches; check results/patches/manifest.tsv")
+    if not fold.cases["val"]:
+        logger.warning("the validation subset is empty: every epoch scores NaN and the first epoch "
+                       "is kept; use a larger splits.val_fraction")
 
 
 def make_task(fold: Fold) -> Task:

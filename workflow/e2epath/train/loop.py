@@ -65,31 +65,39 @@ def _better(value: float, best: float | None) -> bool:
 
 
 def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
-        val_cases: list[str], spec: dict, checkpoint: Path, patches_per_step: int) -> FitResult:
-    """Train ``model``; resume from ``checkpoint`` when it exists; select on validation."""
+        val_cases: list[str], spec: dict, checkpoint: Path, patches_per_bag: float) -> FitResult:
+    """Train ``model``; resume from ``checkpoint`` when it exists; select on validation only.
+
+    The checkpoint (written atomically after every epoch) holds model, optimiser, grad scaler and
+    loop state, so a rerun after a crash continues at the next epoch with the same history.
+    """
     dev = device()
     opt = build_optimizer(model.parameters(), spec)
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "best_state": None, "history": [], "bad": 0}
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "best_state": None, "history": [], "bad": 0,
+             "stopped": False}
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        if saved.get("scaler"):  # empty when written without CUDA
+            scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
         logger.info("resuming from %s at epoch %d", checkpoint, state["epoch"])
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
     metric = main_metric(spec["task_type"])
     epochs = spec["epochs"]
-    for epoch in tqdm(range(state["epoch"], epochs), desc="epochs", initial=state["epoch"], total=epochs):
+    todo = range(state["epoch"], state["epoch"] if state["stopped"] else epochs)
+    for epoch in tqdm(todo, desc="epochs", initial=state["epoch"], total=epochs):
         for group in opt.param_groups:
             group["lr"] = spec["lr"] * lr_factor(epoch, epochs, spec["warmup_epochs"])
         t0 = time.perf_counter()
-        loss, n_steps = train_epoch(model, task, batches(epoch), opt, scaler, spec["accumulate"], dev)
+        loss, n_bags = train_epoch(model, task, batches(epoch), opt, scaler, spec["accumulate"], dev)
         seconds = time.perf_counter() - t0
         val_df, _ = predict(val_cases)
         value = task_metrics(spec["task_type"], val_df).get(metric, float("nan")) if len(val_df) else float("nan")
         state["history"].append({"epoch": epoch, "train_loss": loss, "val_metric": value,
                                  "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
-                                 "patches_per_s": round(n_steps * patches_per_step / max(seconds, 1e-9), 1)})
+                                 "patches_per_s": round(n_bags * patches_per_bag / max(seconds, 1e-9), 1)})
         logger.info("epoch %d: train loss %.4f, val %s %.4f (%.1fs)", epoch, loss, metric, value, seconds)
         if _better(value, state["best"]):
             state.update(best=value, best_epoch=epoch, bad=0,
@@ -97,8 +105,9 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
         else:
             state["bad"] += 1
         state["epoch"] = epoch + 1
-        _save(checkpoint, model, opt, state)
-        if spec.get("patience") and state["bad"] >= spec["patience"]:
+        state["stopped"] = bool(spec.get("patience")) and state["bad"] >= spec["patience"]
+        _save(checkpoint, model, opt, scaler, state)
+        if state["stopped"]:
             logger.info("early stop: val %s has not improved for %d epochs", metric, state["bad"])
             break
     logger.info("selected epoch %d on validation %s = %s", state["best_epoch"], metric, state["best"])
@@ -106,8 +115,9 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
 
 
 def train_epoch(model, task: Task, batches, opt, scaler, accumulate: int, dev) -> tuple[float, int]:
+    """One pass over ``batches``; returns (mean loss per step, bags seen)."""
     model.train()
-    total, n = 0.0, 0
+    total, n, bags = 0.0, 0, 0
     opt.zero_grad(set_to_none=True)
     for step, (inputs, target) in enumerate(batches, start=1):
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
@@ -115,20 +125,23 @@ def train_epoch(model, task: Task, batches, opt, scaler, accumulate: int, dev) -
         loss = task.loss(logits, target.to(dev))
         scaler.scale(loss / accumulate).backward()
         if step % accumulate == 0:
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        total, n = total + float(loss.detach()), n + 1
-    if n % accumulate:
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return total / max(n, 1), n
+            _step(opt, scaler)
+        total, n, bags = total + float(loss.detach()), n + 1, bags + len(target)
+    if n % accumulate:  # a last, partial accumulation group still updates the weights
+        _step(opt, scaler)
+    return total / max(n, 1), bags
 
 
-def _save(path: Path, model, opt, state) -> None:
+def _step(opt, scaler) -> None:
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def _save(path: Path, model, opt, scaler, state) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, tmp)
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "state": state}, tmp)
 
 
 def write_outputs(result: FitResult, model: torch.nn.Module, predict: Predict, test_cases: list[str],
