@@ -53,10 +53,27 @@ def planned(run: Path, config: dict) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] not in ("total", "all")}
 
 
+BAD = {"BAD-TEXT": b"this is not a slide\n", "BAD-TRUNC": None}  # None: a truncated real slide
+
+
+def add_bad_slides(demo: Path) -> None:
+    """Two broken files in the cohort, on existing cases: the run must still complete."""
+    sheet = pd.read_csv(demo / "slides.tsv", sep="\t", dtype=str)
+    rows = []
+    for i, (slide, data) in enumerate(BAD.items()):
+        data = data if data is not None else (demo / "slides/DEMO-S001.svs").read_bytes()[:20000]
+        (demo / f"slides/{slide}.svs").write_bytes(data)
+        rows.append({"slide_id": slide, "path": f"slides/{slide}.svs", "case_id": sheet.loc[i, "case_id"]})
+    pd.concat([sheet, pd.DataFrame(rows)]).to_csv(demo / "slides.tsv", sep="\t", index=False)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    res = snakemake(run, TINY, "--cores", "2", "all")
+    res = snakemake(run, TINY, "--cores", "2", "resources/demo/slides.tsv")
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    add_bad_slides(run / "resources/demo")
+    res = snakemake(run, TINY, "--cores", "2", "all")  # no --keep-going
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
     return run
 
@@ -73,12 +90,14 @@ def edited(**changes) -> dict:
 
 
 def test_all_builds_every_stage(run):
-    qc = pd.read_csv(run / "results/slides.tsv", sep="\t")
-    assert len(qc) == N_SLIDES and set(qc["status"]) == {"ok"}
+    qc = pd.read_csv(run / "results/slides.tsv", sep="\t").set_index("slide_id")
+    assert len(qc) == N_SLIDES + len(BAD)
+    assert (qc.drop(index=list(BAD))["status"] == "ok").all()
     assert {"aperio", "generic-tiff"} <= set(qc["vendor"])
     manifest = pd.read_csv(run / "results/patches/manifest.tsv", sep="\t")
-    assert len(manifest) == N_SLIDES * 3
-    assert (manifest.loc[manifest["magnification"] == 10, "n_patches"] > 0).all()
+    assert len(manifest) == (N_SLIDES + len(BAD)) * 3
+    good = manifest[~manifest["slide_id"].isin(list(BAD))]
+    assert (good.loc[good["magnification"] == 10, "n_patches"] > 0).all()
     for task in ("subtype", "survival"):
         metrics = pd.read_csv(run / f"results/metrics/{task}.tsv", sep="\t")
         assert set(metrics["method"]) == {"r18_abmilx", "r18_mean", "ts_abmil"}
@@ -90,26 +109,40 @@ def test_all_builds_every_stage(run):
         assert {"case_id", "label", "prob_negative", "prob_positive"} <= set(preds.columns)
 
 
+def test_bad_slides_fail_alone_with_the_openslide_error(run):
+    qc = pd.read_csv(run / "results/slides.tsv", sep="\t").set_index("slide_id")
+    for slide in BAD:
+        assert qc.loc[slide, "status"] == "failed"
+        assert isinstance(qc.loc[slide, "error"], str) and len(qc.loc[slide, "error"]) > 10
+    manifest = pd.read_csv(run / "results/patches/manifest.tsv", sep="\t")
+    bad = manifest[manifest["slide_id"].isin(list(BAD))]
+    assert set(bad["status"]) == {"failed"} and (bad["n_patches"] == 0).all()
+    log = (run / "results/logs/train_e2e/subtype/r18_abmilx/fold0.log").read_text()
+    for slide in BAD:  # their cases are in every fold: training says why it skips them
+        assert re.search(rf"skip slide {slide}\b", log), slide
+
+
 def test_second_run_does_nothing(run):
     assert planned(run, TINY) == {}
 
 
 def test_every_job_wrote_its_log(run):
     logs = list((run / "results/logs").rglob("*.log"))
-    assert len(logs) >= N_SLIDES * 5
+    assert len(logs) >= (N_SLIDES + len(BAD)) * 5
     assert all(p.stat().st_size > 0 for p in logs)
 
 
 def test_adding_a_magnification_runs_only_its_jobs(run):
     jobs = planned(run, edited(preprocess__magnifications=[5, 10, 20, 40]))
-    assert jobs.pop("patch") == N_SLIDES
+    assert jobs.pop("patch") == N_SLIDES + len(BAD)
     assert jobs.pop("manifest") == 1
     assert set(jobs) <= {"figures_cohort"}, jobs  # nothing else: no QC, tissue, features, training
 
 
 def test_changing_segmentation_redoes_tissue_and_patches_only_upstream(run):
     jobs = planned(run, edited(preprocess__tissue={"preset": "biopsy", "seg_mpp": 6.0}))
-    assert jobs["tissue"] == N_SLIDES and jobs["patch"] == N_SLIDES * 3 and jobs["manifest"] == 1
+    assert jobs["tissue"] == N_SLIDES + len(BAD) and jobs["patch"] == (N_SLIDES + len(BAD)) * 3
+    assert jobs["manifest"] == 1
     assert "slide_qc" not in jobs and "demo_cohort" not in jobs and "qc_table" not in jobs
 
 
@@ -123,7 +156,7 @@ def test_changing_one_method_reruns_only_its_jobs(run):
 
 def test_changing_the_feature_encoder_reruns_twostage_but_not_e2e(run):
     jobs = planned(run, edited(twostage__encoder="resnet50"))
-    assert jobs.pop("extract_features") == N_SLIDES
+    assert jobs.pop("extract_features") == N_SLIDES + len(BAD)
     assert jobs.pop("train_mil") == 2 * FOLDS
     assert "train_e2e" not in jobs and "patch" not in jobs
 

@@ -46,14 +46,29 @@ def _check_counts(key: np.ndarray, needed: int, what: str) -> None:
                          "Use fewer folds (splits.k), the holdout mode, or merge rare classes.")
 
 
-def _carve_val(train_idx: np.ndarray, key: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    stratify = key[train_idx]
-    if pd.Series(stratify).value_counts().min() < 2:
-        logger.warning("a stratum has fewer than 2 training cases: validation carved unstratified "
-                       "(it may miss a class; use fewer folds or more cases)")
+def _split_off(idx: np.ndarray, key: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``fraction`` of ``idx`` off as ``what``, stratified by ``key``.
+
+    The part gets at least one case of every stratum when the strata allow it (a validation set
+    without one class makes AUC undefined and model selection blind); otherwise the split is
+    unstratified with a warning.
+    """
+    if fraction <= 0:
+        return np.sort(idx), idx[:0]
+    stratify = key[idx]
+    n_strata = len(np.unique(stratify))
+    n_part = max(1, int(round(fraction * len(idx))))
+    if pd.Series(stratify).value_counts().min() >= 2 and len(idx) - n_part >= n_strata:
+        if n_part < n_strata:
+            logger.info("%s: %d case(s) instead of %d so that each of the %d strata is present",
+                        what, n_strata, n_part, n_strata)
+        n_part = max(n_part, n_strata)
+    else:
+        logger.warning("%s: a stratum has fewer than 2 cases here, so %s is drawn unstratified and may "
+                       "miss a class; use fewer folds or more cases", what, what)
         stratify = None
-    tr, va = train_test_split(train_idx, test_size=fraction, random_state=seed, stratify=stratify)
-    return np.sort(tr), np.sort(va)
+    rest, part = train_test_split(idx, test_size=n_part, random_state=seed, stratify=stratify)
+    return np.sort(rest), np.sort(part)
 
 
 def kfold(labels: pd.DataFrame, task_type: str, k: int, val_fraction: float, seed: int) -> pd.DataFrame:
@@ -63,7 +78,7 @@ def kfold(labels: pd.DataFrame, task_type: str, k: int, val_fraction: float, see
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     rows = []
     for fold, (train_idx, test_idx) in enumerate(skf.split(cases, key)):
-        tr, va = _carve_val(train_idx, key, val_fraction, seed + fold)
+        tr, va = _split_off(train_idx, key, val_fraction, seed + fold, f"fold {fold} validation")
         for subset, idx in (("train", tr), ("val", va), ("test", test_idx)):
             rows += [(c, fold, subset) for c in cases[idx]]
     return pd.DataFrame(rows, columns=["case_id", "fold", "subset"])
@@ -74,8 +89,8 @@ def holdout(labels: pd.DataFrame, task_type: str, fractions: list[float], seed: 
     key = strata(labels, task_type, 3)
     _check_counts(key, 3, "into train / val / test")
     idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=f_test, random_state=seed, stratify=key)
-    tr, va = _carve_val(rest, key, f_val / (f_train + f_val), seed)
+    rest, test = _split_off(idx, key, f_test, seed, "test")
+    tr, va = _split_off(rest, key, f_val / (f_train + f_val), seed, "validation")
     cases = labels["case_id"].to_numpy()
     rows = [(cases[i], 0, s) for s, ids in (("train", tr), ("val", va), ("test", test)) for i in ids]
     return pd.DataFrame(rows, columns=["case_id", "fold", "subset"])
@@ -83,6 +98,13 @@ def holdout(labels: pd.DataFrame, task_type: str, fractions: list[float], seed: 
 
 def make_splits(labels: pd.DataFrame, task_type: str, mode: str, k: int, val_fraction: float,
                 holdout_fractions: list[float], seed: int) -> pd.DataFrame:
+    """Rows (case_id, fold, subset): every case is tested in exactly one fold (kfold) or once (holdout)."""
+    if mode not in ("kfold", "holdout"):
+        raise SplitError(f"unknown split mode {mode!r}; use kfold or holdout")
+    if mode == "kfold" and k < 2:
+        raise SplitError(f"splits.k = {k}: k-fold needs at least 2 folds (or use the holdout mode)")
+    if not 0 <= val_fraction < 1:
+        raise SplitError(f"splits.val_fraction = {val_fraction} must be in [0, 1)")
     labels = labels.sort_values("case_id").reset_index(drop=True)  # order-independent result
     if mode == "kfold":
         return kfold(labels, task_type, k, val_fraction, seed)
@@ -104,7 +126,10 @@ def cli(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     cases = set(pd.read_csv(a.slides, sep="\t", dtype=str)["case_id"])
     labels = load_labels(a.labels, a.task, a.task_type, cases)
-    splits = make_splits(labels, a.task_type, a.mode, a.k, a.val_fraction, a.holdout, a.seed)
+    try:
+        splits = make_splits(labels, a.task_type, a.mode, a.k, a.val_fraction, a.holdout, a.seed)
+    except SplitError as err:
+        raise SystemExit(f"e2epath splits, task {a.task} ({a.labels}): {err}") from None
     for fold, part in splits.groupby("fold"):
         counts = part["subset"].value_counts().to_dict()
         logger.info("task %s fold %s: %s cases", a.task, fold, counts)

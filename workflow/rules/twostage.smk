@@ -20,12 +20,14 @@ rule extract_features:
         input_size=TS["input_size"],
         batch_size=TS["batch_size"],
         seed=config["seed"],
+        workers=lambda w, threads: threads,  # JPEG decoding overlaps the encoder
     log:
         "results/logs/extract_features/{encoder}/{mag}x/{slide}.log",
     benchmark:
         "results/benchmarks/extract_features/{encoder}/{mag}x/{slide}.tsv"
     conda:
         "../../envs/train.yaml"
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=60,

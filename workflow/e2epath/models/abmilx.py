@@ -41,7 +41,7 @@ def propagate_attention(q: Tensor, k: Tensor, value: Tensor, mask: Tensor | None
     Softmax is row-wise, so splitting the queries into chunks is exact. The value is zero-padded
     to the head width because the fused SDPA kernels (flash on CPU, flash / memory-efficient on
     CUDA) need equal q/k/v widths; a one-wide value silently selects the math kernel, which
-    materialises the scores (measured on 2 CPU threads, N = 10^4: ≈ 3× slower and +7 GB).
+    materialises the scores (bench/abmilx.py, N = 10^4, 2 CPU threads: 5-10× slower and +7 GB).
     """
     batch, heads, n, d = q.shape
     padded = F.pad(value.unsqueeze(-1).to(q.dtype), (0, d - 1))

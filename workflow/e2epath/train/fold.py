@@ -88,10 +88,14 @@ def make_task(fold: Fold) -> Task:
 
 def bag_outputs(task: Task, case_ids: list[str], logits: list[torch.Tensor],
                 attention: list[tuple[torch.Tensor, list[tuple[str, np.ndarray]]]]) -> tuple[pd.DataFrame, dict]:
-    """Per-case logits → predictions; per-case attention [heads, N] split back into slides."""
+    """Per-case logits → predictions (their mean loss in ``.attrs["loss"]``); per-case attention
+    [heads, N] split back into slides."""
     if not case_ids:
         return task.predictions([], torch.zeros(0, task.n_outputs)), {}
-    preds = task.predictions(case_ids, torch.cat(logits))
+    logits = torch.cat(logits)
+    preds = task.predictions(case_ids, logits)
+    targets = torch.stack([task.target(c) for c in case_ids]).to(logits.device)
+    preds.attrs["loss"] = float(task.loss(logits, targets))  # breaks ties of the selection metric
     maps = {}
     for attn, parts in attention:
         start = 0

@@ -56,12 +56,19 @@ def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _better(value: float, best: float | None) -> bool:
+def _better(value: float, loss: float, best: tuple[float, float] | None) -> bool:
+    """Higher validation metric wins; on a tie (tiny validation sets saturate AUC / C-index at 1)
+    the lower validation loss; NaN never beats a number."""
     if best is None:
         return True
+    best_value, best_loss = best
+    if math.isnan(value) and math.isnan(best_value):  # metric undefined (e.g. one class): loss decides
+        return loss < best_loss
     if math.isnan(value):
         return False
-    return math.isnan(best) or value > best
+    if math.isnan(best_value) or value > best_value:
+        return True
+    return value == best_value and loss < best_loss
 
 
 def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
@@ -95,12 +102,14 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
         seconds = time.perf_counter() - t0
         val_df, _ = predict(val_cases)
         value = task_metrics(spec["task_type"], val_df).get(metric, float("nan")) if len(val_df) else float("nan")
+        val_loss = val_df.attrs.get("loss", float("nan"))
         state["history"].append({"epoch": epoch, "train_loss": loss, "val_metric": value,
                                  "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3),
                                  "patches_per_s": round(n_bags * patches_per_bag / max(seconds, 1e-9), 1)})
-        logger.info("epoch %d: train loss %.4f, val %s %.4f (%.1fs)", epoch, loss, metric, value, seconds)
-        if _better(value, state["best"]):
-            state.update(best=value, best_epoch=epoch, bad=0,
+        logger.info("epoch %d: train loss %.4f, val %s %.4f, val loss %.4f (%.1fs)", epoch, loss, metric, value,
+                    val_loss, seconds)
+        if _better(value, val_loss, state["best"]):
+            state.update(best=(value, val_loss), best_epoch=epoch, bad=0,
                          best_state=copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}))
         else:
             state["bad"] += 1
@@ -110,7 +119,7 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
         if state["stopped"]:
             logger.info("early stop: val %s has not improved for %d epochs", metric, state["bad"])
             break
-    logger.info("selected epoch %d on validation %s = %s", state["best_epoch"], metric, state["best"])
+    logger.info("selected epoch %d on validation (%s, loss) = %s", state["best_epoch"], metric, state["best"])
     return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_state"])
 
 

@@ -1,0 +1,217 @@
+"""Bag datasets on real LMDB stores written with `LmdbWriter` (tiny 32-px synthetic patches).
+
+`write_cohort` is shared with test_train.py: a small cohort of cases → slides → stores at two
+magnifications, with manifest rows, a sample sheet and label tables, as the workflow writes them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from e2epath.data import (IMAGENET_MEAN, IMAGENET_STD, Bag, MultiScaleBagDataset, augment, balanced_order,
+                          iter_full_bag, load_bags, normalize, scale_counts)
+from e2epath.io import write_json
+from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg, write_empty_store
+
+PATCH = 32
+
+
+def patch_image(rng: np.random.Generator, positive: bool, signal: bool) -> np.ndarray:
+    """A noisy pink patch; signal patches of positive cases are dark purple."""
+    base = np.array([48, 18, 92] if positive and signal else [234, 158, 196], np.float32)
+    img = base + rng.normal(0, 12, (PATCH, PATCH, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_store(path: Path, slide: str, mag: int, images: list[np.ndarray]) -> None:
+    meta = {"slide_id": slide, "magnification": mag, "mpp": 10 / mag, "patch_size": PATCH, "status": "ok",
+            "message": None}
+    with LmdbWriter(path, capacity_bytes=1 << 22) as writer:
+        for i, img in enumerate(images):
+            writer.add(encode_jpeg(img, 95), (i * PATCH, 0), 1.0)
+        writer.close(meta)
+
+
+def write_cohort(root: Path, n_cases: int = 12, mags=(10, 20), sizes=None, failed=(), seed: int = 0) -> dict:
+    """Cases CASE-00..; even cases negative; case 1 has two slides; ``failed`` cases' stores failed.
+
+    ``sizes``: {(case index, mag): n_patches} overrides the default 6 (10x) / 12 (20x) per slide.
+    Returns paths: slides (sheet), labels, survival, rows (manifest row JSON paths), cases.
+    """
+    rng = np.random.default_rng(seed)
+    sheet, rows, labels, surv = [], [], [], []
+    for c in range(n_cases):
+        case, positive = f"CASE-{c:02d}", c % 2 == 1
+        labels.append((case, "positive" if positive else "negative"))
+        surv.append((case, float(10 + 7 * c % 50), int(c % 3 != 0)))
+        for s in range(2 if c == 1 else 1):
+            slide = f"S{c:02d}{s}"
+            sheet.append((slide, f"slides/{slide}.svs", case))
+            for mag in mags:
+                lmdb = root / f"results/lmdb/{mag}x/{slide}.lmdb"
+                n = (sizes or {}).get((c, mag), 6 if mag == 10 else 12)
+                if case in failed:
+                    meta = {"slide_id": slide, "magnification": mag, "status": "failed", "message": "unreadable"}
+                    write_empty_store(lmdb, meta)
+                    row_status, n = "failed", 0
+                else:
+                    write_store(lmdb, slide, mag, [patch_image(rng, positive, i % 3 == 0) for i in range(n)])
+                    row_status = "ok"
+                row = root / f"results/patches/{mag}x/{slide}.json"
+                write_json(row, {"slide_id": slide, "magnification": mag, "status": row_status, "n_patches": n,
+                                 "lmdb": str(lmdb), "mpp": 10 / mag, "read_level": 0, "read_downsample": 1.0,
+                                 "message": "unreadable" if row_status == "failed" else None})
+                rows.append(row)
+    paths = {"slides": root / "slides.tsv", "labels": root / "labels.csv", "survival": root / "survival.csv"}
+    pd.DataFrame(sheet, columns=["slide_id", "path", "case_id"]).to_csv(paths["slides"], sep="\t", index=False)
+    pd.DataFrame(labels, columns=["case_id", "label"]).to_csv(paths["labels"], index=False)
+    pd.DataFrame(surv, columns=["case_id", "time", "event"]).to_csv(paths["survival"], index=False)
+    return {**paths, "rows": rows, "cases": [c for c, _ in labels]}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cohort")
+    sizes = {(2, 20): 3, (3, 10): 0}  # case 2: too few 20x patches; case 3: no 10x patches
+    return write_cohort(root, n_cases=6, sizes=sizes, failed=("CASE-05",))
+
+
+def dataset_of(cohort, n_instances=10, ratios=(0.3, 0.7), seed=0, input_size=PATCH) -> MultiScaleBagDataset:
+    bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
+    ordered = [bags[c] for c in sorted(bags)]
+    return MultiScaleBagDataset(ordered, [torch.tensor(i) for i in range(len(ordered))], n_instances,
+                                [10, 20], list(ratios), input_size, seed)
+
+
+def test_scale_counts_are_ceilings():
+    assert scale_counts(10, [0.3, 0.7]) == [3, 7]
+    assert scale_counts(16, [1 / 3, 2 / 3]) == [6, 11]  # ⌈5.33⌉ + ⌈10.67⌉ = 17 > 16
+    assert scale_counts(512, [0.5, 0.5]) == [256, 256]
+
+
+def test_sampling_counts_per_scale_and_replacement(cohort):
+    ds = dataset_of(cohort)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for pos, bag in enumerate(ds.bags):
+            picks = ds.sample(pos)
+            by_mag = Counter(m for m, _, _ in picks)
+            patches = {m: [(s, i) for mm, s, i in picks if mm == m] for m in by_mag}
+            if bag.case_id == "CASE-03":  # no 10x patches: the 20x scale takes the whole bag
+                assert by_mag == {20: 10}
+                continue
+            assert by_mag == {10: 3, 20: 7}
+            if bag.case_id == "CASE-02":  # 3 patches at 20x for 7 draws: with replacement, all of them
+                assert len(set(patches[20])) == 3
+            else:  # enough patches: without replacement
+                assert len(set(patches[10])) == 3 and len(set(patches[20])) == 7
+            for m, s, i in picks:
+                assert 0 <= i < len(bag.stores[m][s])
+
+
+def test_all_slides_of_a_case_form_one_bag(cohort):
+    ds = dataset_of(cohort)
+    pos = next(i for i, b in enumerate(ds.bags) if b.case_id == "CASE-01")
+    assert len(ds.bags[pos].slides) == 2 and ds.bags[pos].n_patches(20) == 24
+    seen = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        seen |= {s for _, s, _ in ds.sample(pos)}
+    assert seen == {0, 1}
+
+
+def test_draws_are_seeded_by_seed_epoch_and_position(cohort):
+    a, b, c = dataset_of(cohort), dataset_of(cohort), dataset_of(cohort, seed=1)
+    assert [a.sample(i) for i in range(len(a))] == [b.sample(i) for i in range(len(b))]
+    assert torch.equal(a[0][0], b[0][0])
+    assert [a.sample(i) for i in range(len(a))] != [c.sample(i) for i in range(len(c))]
+    first = a.sample(0)
+    a.set_epoch(1)
+    assert a.sample(0) != first
+    # a bag twice in one epoch (oversampling) gets two different samples
+    a.set_epoch(0, np.array([0, 0]))
+    assert a.sample(0) != a.sample(1)
+
+
+def test_items_are_rgb_uint8_and_normalised_on_the_device(cohort, tmp_path):
+    red = np.zeros((PATCH, PATCH, 3), np.uint8)
+    red[..., 0] = 255
+    write_store(tmp_path / "red.lmdb", "RED", 10, [red] * 4)
+    bag = Bag("RED", ["RED"], {10: [LmdbReader(tmp_path / "red.lmdb")]})
+    ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 4, [10], [1.0], 24, seed=0)
+    x, _, _ = ds[0]
+    assert x.dtype == torch.uint8 and x.shape == (4, 24, 24, 3)
+    assert x[..., 0].min() > 240 and x[..., 1:].max() < 15  # RGB order, JPEG tolerance
+    y = normalize(x)
+    assert y.shape == (4, 3, 24, 24)
+    expected = (x.float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(y, expected.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_augmentation_is_geometric_only():
+    rng = np.random.default_rng(0)
+    flat = np.full((PATCH, PATCH, 3), (200, 120, 60), np.uint8)
+    for _ in range(20):  # a constant colour stays exactly that colour: no colour jitter
+        assert (augment(flat, 24, rng) == flat[:24, :24]).all()
+    half = np.zeros((PATCH, PATCH, 3), np.uint8)
+    half[:, : PATCH // 2] = 255
+    outs = [augment(half, PATCH, rng) for _ in range(40)]
+    left_bright = [o[:, :4].mean() > o[:, -4:].mean() for o in outs]
+    assert any(left_bright) and not all(left_bright)  # horizontal flips happen, both ways
+    assert {tuple(np.unique(o)) for o in outs} != {(0, 255)}  # crops are resized (interpolated edges)
+
+
+def test_workers_give_the_same_samples_as_the_main_process(cohort):
+    ds = dataset_of(cohort)
+    ds.set_epoch(3, np.array([4, 0, 1, 2, 3, 0]))
+
+    def collect(workers):
+        return [(x, i) for x, _, i in DataLoader(ds, batch_size=2, num_workers=workers)]
+
+    main, parallel = collect(0), collect(2)
+    assert len(main) == len(parallel) == 3
+    for (xa, ia), (xb, ib) in zip(main, parallel):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+
+
+def test_failed_case_is_skipped_with_a_message(cohort, caplog):
+    with caplog.at_level(logging.INFO, logger="e2epath.data"):
+        bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
+    assert "CASE-05" not in bags and set(bags) == set(cohort["cases"]) - {"CASE-05"}
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("CASE-05" in m and "skipped" in m and "unreadable" in m for m in warning)
+
+
+def test_full_bag_yields_every_patch_once_with_coords(cohort):
+    bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
+    chunks = list(iter_full_bag(bags["CASE-01"], 20, PATCH, chunk=5))
+    slides = [s for s, _, _ in chunks]
+    assert sorted(set(slides)) == ["S010", "S011"]
+    coords = np.concatenate([c for _, c, _ in chunks])
+    assert sum(len(x) for _, _, x in chunks) == len(coords) == 24
+    for slide in ("S010", "S011"):  # per slide: every patch, in store order
+        xs = np.concatenate([c for s, c, _ in chunks if s == slide])
+        assert xs[:, 0].tolist() == [i * PATCH for i in range(12)]
+    first = bags["CASE-01"].stores[20][0].get_rgb(0)
+    assert torch.equal(chunks[0][2][0], torch.from_numpy(first))
+
+
+def test_balanced_order_oversamples_minority():
+    strata = np.array([0] * 7 + [1] * 2)
+    order = balanced_order(strata, np.random.default_rng(0), oversample=True)
+    assert Counter(strata[order].tolist()) == {0: 7, 1: 7}
+    assert set(order[strata[order] == 1]) == {7, 8}
+    plain = balanced_order(strata, np.random.default_rng(0), oversample=False)
+    assert sorted(plain.tolist()) == list(range(9))
+
+
+def test_bad_sampling_config_is_a_clear_error(cohort):
+    with pytest.raises(ValueError, match="ratios"):
+        dataset_of(cohort, ratios=(0.5, 0.6))

@@ -1,0 +1,265 @@
+"""E2E training on a tiny real cohort (LMDB stores of 32-px patches): losses, bins, gradients,
+determinism, validation-only model selection, resume after a kill, skipped cases."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from e2epath.data import MultiScaleBagDataset, load_bags
+from e2epath.evaluate.metrics import main_metric, task_metrics
+from e2epath.methods import with_task_defaults
+from e2epath.models import build_aggregator, build_encoder
+from e2epath.splits import make_splits
+from e2epath.train import e2e
+from e2epath.train.e2e import E2EModel, full_bag_predictor, sampled_batches
+from e2epath.train.loop import _better
+from e2epath.train.tasks import SurvivalTask, build_task, nll_survival
+from test_data import write_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+FAILED = "CASE-02"  # in fold 0's test subset (checked); its manifest rows are turned to "failed"
+
+
+def spec_for(task_type: str, **kw) -> dict:
+    own = {"family": "e2e", "name": "r18_abmilx", "encoder": "resnet18", "aggregator": "abmilx", "weights": None,
+           "n_instances": 8, "input_size": 32, "epochs": 2, "lr": 1e-3, "warmup_epochs": 1, "batch_size": 2,
+           "workers": 0, "eval_chunk": 16, "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]}}
+    return with_task_defaults({**own, **kw}, task_type, n_bins=2)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    paths = write_cohort(root, n_cases=16, failed=(FAILED,))
+    for task, kind, labels in (("subtype", "classification", "labels"), ("survival", "survival", "survival")):
+        table = pd.read_csv(paths[labels], dtype={"case_id": str})
+        splits = make_splits(table, kind, "kfold", 2, 0.4, [], seed=0)
+        splits.to_csv(root / f"{task}.tsv", sep="\t", index=False)
+        paths[f"splits_{task}"] = root / f"{task}.tsv"
+    paths = {**paths, "root": root}
+    assert FAILED in subset(paths, "test")  # the fixture's premise
+    return paths
+
+
+def cli_args(cohort: dict, out: Path, spec: dict, task: str = "subtype", fold: int = 0) -> list[str]:
+    labels = cohort["labels"] if task == "subtype" else cohort["survival"]
+    return ["--splits", str(cohort[f"splits_{task}"]), "--labels", str(labels), "--slides", str(cohort["slides"]),
+            "--fold", str(fold), "--spec", json.dumps(spec), "--seed", "0",
+            "--rows", *map(str, cohort["rows"]),
+            *[x for name in ("model", "history", "predictions", "attention")
+              for x in (f"--{name}", str(out / {"model": "model.pt", "history": "history.tsv",
+                                                 "predictions": "predictions.tsv", "attention": "attention.npz"}[name]))]]
+
+
+def subset(cohort: dict, name: str, task: str = "subtype", fold: int = 0) -> list[str]:
+    splits = pd.read_csv(cohort[f"splits_{task}"], sep="\t", dtype={"case_id": str})
+    return sorted(splits.loc[(splits["fold"] == fold) & (splits["subset"] == name), "case_id"])
+
+
+# ------------------------------------------------------------------ losses and tasks
+
+def test_nll_matches_a_hand_computation():
+    logits = torch.tensor([[0.2, -0.5, 1.0], [-1.0, 0.3, 0.0], [0.5, 0.5, -2.0]])
+    bins, event = torch.tensor([1, 1, 2]), torch.tensor([1.0, 0.0, 0.0])
+    h = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
+    dies_in_1 = -np.log((1 - h[0, 0]) * h[0, 1])  # survived bin 0, event in bin 1
+    survives_1 = -np.log((1 - h[1, 0]) * (1 - h[1, 1]))  # censored in bin 1: survived bins 0 and 1
+    survives_2 = -np.log((1 - h[2, 0]) * (1 - h[2, 1]) * (1 - h[2, 2]))
+    expected = (dies_in_1 + survives_1 + survives_2) / 3
+    assert nll_survival(logits, bins, event).item() == pytest.approx(expected, rel=1e-5)
+    event_in_0 = nll_survival(logits[:1], torch.tensor([0]), torch.tensor([1.0])).item()
+    assert event_in_0 == pytest.approx(-np.log(h[0, 0]), rel=1e-5)
+
+
+def test_survival_bins_come_from_training_uncensored_times_only():
+    labels = pd.DataFrame({"case_id": [f"C{i}" for i in range(10)],
+                           "time": [1, 2, 3, 4, 5, 100, 6, 200, 300, 400],
+                           "event": [1, 1, 1, 1, 1, 0, 1, 1, 1, 0]})
+    train = ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]  # C5: censored at 100 — must not move the edges
+    task = SurvivalTask(labels, train, n_bins=3)
+    np.testing.assert_allclose(task.edges, np.quantile([1, 2, 3, 4, 5, 6], [1 / 3, 2 / 3]))
+    moved = labels.assign(time=labels["time"].where(labels["case_id"].isin(train), 1.0))
+    np.testing.assert_allclose(SurvivalTask(moved, train, 3).edges, task.edges)  # val / test times ignored
+    assert task.target("C7").tolist() == [2.0, 1.0] and task.target("C0").tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="uncensored training cases"):
+        SurvivalTask(labels, ["C0", "C5"], n_bins=3)
+
+
+def test_risk_is_higher_for_earlier_events():
+    labels = pd.DataFrame({"case_id": ["A", "B"], "time": [1.0, 9.0], "event": [1, 1]})
+    task = SurvivalTask(labels, ["A", "B"], n_bins=2)
+    early, late = torch.tensor([[3.0, 3.0]]), torch.tensor([[-3.0, -3.0]])  # high / low hazards
+    preds = task.predictions(["A", "B"], torch.cat([early, late]))
+    assert preds["risk"][0] > preds["risk"][1]
+
+
+def test_selection_rule_prefers_metric_then_lower_loss():
+    nan = float("nan")
+    assert _better(0.8, 0.9, None)
+    assert _better(0.9, 5.0, (0.8, 0.1))  # the metric decides first
+    assert not _better(0.7, 0.0, (0.8, 0.9))
+    assert _better(1.0, 0.3, (1.0, 0.4)) and not _better(1.0, 0.5, (1.0, 0.4))  # tie: lower loss
+    assert not _better(nan, 0.0, (0.5, 0.9)) and _better(0.1, 9.0, (nan, 0.1))  # NaN never beats a number
+    assert _better(nan, 0.2, (nan, 0.3))  # metric undefined throughout: the loss decides
+
+
+# ------------------------------------------------------------------ model and batches
+
+def test_gradients_reach_the_encoder_and_alpha():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", None)
+    model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2))
+    bags = torch.randint(0, 256, (2, 6, 32, 32, 3), dtype=torch.uint8)
+    loss = torch.nn.functional.cross_entropy(model(bags), torch.tensor([0, 1]))
+    loss.backward()
+    assert model.encoder.conv1.weight.grad.abs().sum() > 0
+    assert model.encoder.layer3[-1].conv2.weight.grad.abs().sum() > 0
+    alpha = model.aggregator.attention_plus.alpha
+    assert alpha.grad is not None and alpha.grad.abs() > 0
+
+
+def test_an_epoch_oversamples_the_minority_class(cohort):
+    bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
+    labels = pd.read_csv(cohort["labels"])
+    train = ["CASE-00", "CASE-04", "CASE-06", "CASE-08", "CASE-10", "CASE-01"]  # 5 negative, 1 positive
+    task = build_task("classification", labels, train, 2)
+    ds = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train], 4, [10, 20],
+                              [0.5, 0.5], 32, 0)
+    spec = spec_for("classification", n_instances=4, batch_size=3)
+    batches = sampled_batches(ds, task.strata(train), spec, seed=0, dev=torch.device("cpu"))
+    targets = torch.cat([t for _, t in batches(0)]).tolist()
+    assert Counter(targets) == {0: 5, 1: 5}
+    spec_off = {**spec, "oversample": False}
+    targets = torch.cat([t for _, t in sampled_batches(ds, task.strata(train), spec_off, 0, torch.device("cpu"))(0)])
+    assert Counter(targets.tolist()) == {0: 5, 1: 1}
+
+
+# ------------------------------------------------------------------ the training CLI
+
+@pytest.fixture(scope="module")
+def runs(cohort, tmp_path_factory):
+    """The same E2E job twice (same seed), in-process, with a spy on what `fit` predicts."""
+    out = tmp_path_factory.mktemp("runs")
+    spec = spec_for("classification", epochs=3)
+    asked: list[list[str]] = []
+    real_fit = e2e.fit
+
+    def spying_fit(model, task, batches, predict, *args, **kw):
+        def spy(case_ids):
+            asked.append(list(case_ids))
+            return predict(case_ids)
+        return real_fit(model, task, batches, spy, *args, **kw)
+
+    e2e.fit = spying_fit
+    try:
+        for name in ("a", "b"):
+            assert e2e.cli(cli_args(cohort, out / name, spec)) == 0
+    finally:
+        e2e.fit = real_fit
+    return {"out": out, "spec": spec, "asked": asked}
+
+
+def test_same_seed_gives_the_same_first_epoch(runs):
+    a = pd.read_csv(runs["out"] / "a/history.tsv", sep="\t")
+    b = pd.read_csv(runs["out"] / "b/history.tsv", sep="\t")
+    assert list(a.columns) == ["epoch", "train_loss", "val_metric", "lr", "seconds", "patches_per_s"]
+    assert a["epoch"].tolist() == [0, 1, 2]
+    assert a.loc[0, "train_loss"] == b.loc[0, "train_loss"]
+    pd.testing.assert_frame_equal(a[["train_loss", "val_metric", "lr"]], b[["train_loss", "val_metric", "lr"]])
+
+
+def test_selection_uses_validation_only(cohort, runs):
+    val, test = subset(cohort, "val"), [c for c in subset(cohort, "test") if c != FAILED]
+    assert set(val).isdisjoint(test) and len(val) >= 3
+    # `fit` predicted the validation subset once per epoch (2 runs x 3 epochs) and nothing else
+    assert len(runs["asked"]) == 6 and all(sorted(ids) == val for ids in runs["asked"])
+    history = pd.read_csv(runs["out"] / "a/history.tsv", sep="\t")
+    saved = torch.load(runs["out"] / "a/model.pt", map_location="cpu", weights_only=True)
+    assert history.loc[saved["best_epoch"], "val_metric"] == history["val_metric"].max()
+    # the saved weights are that epoch's: they reproduce its validation metric
+    labels = pd.read_csv(cohort["labels"])
+    task = build_task("classification", labels, subset(cohort, "train"), 2)
+    encoder = build_encoder("resnet18", None)
+    model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2))
+    model.load_state_dict(saved["model"])
+    bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
+    preds, _ = full_bag_predictor(model, task, bags, runs["spec"], torch.device("cpu"))(val)
+    value = task_metrics("classification", preds)[main_metric("classification")]
+    assert value == pytest.approx(history.loc[saved["best_epoch"], "val_metric"], abs=1e-6)
+
+
+def test_outputs_follow_the_contract(cohort, runs):
+    out = runs["out"] / "a"
+    preds = pd.read_csv(out / "predictions.tsv", sep="\t")
+    test = [c for c in subset(cohort, "test") if c != FAILED]
+    assert sorted(preds["case_id"]) == test
+    assert list(preds.columns) == ["case_id", "label", "prob_negative", "prob_positive"]
+    np.testing.assert_allclose(preds[["prob_negative", "prob_positive"]].sum(axis=1), 1, rtol=1e-5)
+    attention = np.load(out / "attention.npz")
+    sheet = pd.read_csv(cohort["slides"], sep="\t")
+    slides = sheet.loc[sheet["case_id"].isin(test), "slide_id"]
+    assert int(attention["__magnification__"]) == 10
+    for slide in slides:
+        attn, coords = attention[slide], attention[f"{slide}__coords"]
+        assert attn.dtype == np.float32 and coords.dtype == np.int32
+        assert attn.shape == (8, 6) and coords.shape == (6, 2)  # 8 heads x every 10x patch
+    case_attn = np.concatenate([attention[s] for s in sheet.loc[sheet["case_id"] == test[0], "slide_id"]], axis=1)
+    np.testing.assert_allclose(case_attn.sum(axis=1), 1, rtol=1e-4)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_case_whose_slides_all_failed_is_skipped_with_a_message(cohort, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        assert e2e.cli(cli_args(cohort, tmp_path, spec_for("classification", epochs=1))) == 0
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"case {FAILED} is skipped" in messages and "unreadable" in messages
+    assert FAILED not in set(pd.read_csv(tmp_path / "predictions.tsv", sep="\t")["case_id"])
+
+
+def test_survival_job(cohort, tmp_path):
+    spec = spec_for("survival", epochs=1)
+    assert e2e.cli(cli_args(cohort, tmp_path, spec, task="survival")) == 0
+    preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert list(preds.columns) == ["case_id", "time", "event", "risk"]
+    assert sorted(preds["case_id"]) == [c for c in subset(cohort, "test", "survival") if c != FAILED]
+    assert np.isfinite(preds["risk"]).all()
+
+
+def test_resume_after_a_kill_continues_at_the_next_epoch(cohort, tmp_path):
+    spec = spec_for("classification", epochs=4)
+    cmd = [sys.executable, "-m", "e2epath", "train_e2e", *cli_args(cohort, tmp_path, spec)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "OMP_NUM_THREADS": "2"}
+    checkpoint = tmp_path / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert checkpoint.exists(), "no checkpoint written after the first epoch"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (tmp_path / "history.tsv").exists()
+    before = torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]
+    k = before["epoch"]
+    assert 1 <= k < 4
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming from {checkpoint} at epoch {k}" in res.stderr
+    history = pd.read_csv(tmp_path / "history.tsv", sep="\t", float_precision="round_trip")
+    assert history["epoch"].tolist() == list(range(4))  # every epoch exactly once
+    kept = pd.DataFrame(before["history"])
+    np.testing.assert_array_equal(history["train_loss"][:k], kept["train_loss"])  # not retrained
+    assert not checkpoint.exists()
