@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from e2epath.data import (IMAGENET_MEAN, IMAGENET_STD, Bag, MultiScaleBagDataset, augment, balanced_order,
-                          iter_full_bag, load_bags, normalize, scale_counts)
+from e2epath.data import (IMAGENET_MEAN, IMAGENET_STD, Bag, MultiScaleBagDataset, balanced_order, crop_boxes,
+                          full_boxes, iter_full_bag, load_bags, normalize, resized_crops, scale_counts)
 from e2epath.io import write_json
 from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg, write_empty_store
 
@@ -140,32 +140,49 @@ def test_draws_are_seeded_by_seed_epoch_and_position(cohort):
     assert a.sample(0) != a.sample(1)
 
 
-def test_items_are_rgb_uint8_and_normalised_on_the_device(cohort, tmp_path):
+def test_items_are_rgb_uint8_with_crop_boxes(cohort, tmp_path):
     red = np.zeros((PATCH, PATCH, 3), np.uint8)
     red[..., 0] = 255
     write_store(tmp_path / "red.lmdb", "RED", 10, [red] * 4)
     bag = Bag("RED", ["RED"], {10: [LmdbReader(tmp_path / "red.lmdb")]})
     ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 4, [10], [1.0], 24, seed=0)
-    x, _, _ = ds[0]
-    assert x.dtype == torch.uint8 and x.shape == (4, 24, 24, 3)
+    x, boxes, _, _ = ds[0]
+    assert x.dtype == torch.uint8 and x.shape == (4, PATCH, PATCH, 3)  # stored size; resized on the device
     assert x[..., 0].min() > 240 and x[..., 1:].max() < 15  # RGB order, JPEG tolerance
-    y = normalize(x)
+    assert boxes.shape == (4, 6)
+    w, h = boxes[:, 2], boxes[:, 3]
+    assert ((w * h >= 0.5 * PATCH**2 - 2 * PATCH) & (w <= PATCH) & (h <= PATCH)).all()
+    assert ((boxes[:, 0] + w <= PATCH) & (boxes[:, 1] + h <= PATCH)).all()
+    y = resized_crops(x, boxes, 24)
     assert y.shape == (4, 3, 24, 24)
-    expected = (x.float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(y, expected.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+    expected = (torch.tensor([255.0, 0, 0]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), expected, atol=0.1, rtol=0)
+
+
+def test_resized_crops_cut_flip_resize_and_normalise():
+    x = torch.randint(0, 256, (3, PATCH, PATCH, 3), dtype=torch.uint8)
+    ref = (x.float() / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    ref = ref.permute(0, 3, 1, 2)
+    torch.testing.assert_close(normalize(x), ref)
+    torch.testing.assert_close(resized_crops(x, full_boxes(3, PATCH, PATCH), PATCH), ref, atol=1e-5, rtol=0)
+    box = torch.tensor([[8, 4, 16, 16, 0, 0], [8, 4, 16, 16, 1, 0], [8, 4, 16, 16, 0, 1]], dtype=torch.float32)
+    out = resized_crops(x, box, 16)  # a 16-px box at 16 px: exactly those pixels
+    crop = ref[:, :, 4:20, 8:24]
+    torch.testing.assert_close(out[0], crop[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], crop[1].flip(-1), atol=1e-5, rtol=0)  # horizontal flip
+    torch.testing.assert_close(out[2], crop[2].flip(-2), atol=1e-5, rtol=0)  # vertical flip
+    half = resized_crops(x[:1], full_boxes(1, PATCH, PATCH), PATCH // 2)  # 2x down: mean of 2x2 blocks
+    torch.testing.assert_close(half[0], torch.nn.functional.avg_pool2d(ref[:1], 2)[0], atol=1e-5, rtol=0)
 
 
 def test_augmentation_is_geometric_only():
     rng = np.random.default_rng(0)
-    flat = np.full((PATCH, PATCH, 3), (200, 120, 60), np.uint8)
-    for _ in range(20):  # a constant colour stays exactly that colour: no colour jitter
-        assert (augment(flat, 24, rng) == flat[:24, :24]).all()
-    half = np.zeros((PATCH, PATCH, 3), np.uint8)
-    half[:, : PATCH // 2] = 255
-    outs = [augment(half, PATCH, rng) for _ in range(40)]
-    left_bright = [o[:, :4].mean() > o[:, -4:].mean() for o in outs]
-    assert any(left_bright) and not all(left_bright)  # horizontal flips happen, both ways
-    assert {tuple(np.unique(o)) for o in outs} != {(0, 255)}  # crops are resized (interpolated edges)
+    flat = torch.tensor([200, 120, 60], dtype=torch.uint8).expand(20, PATCH, PATCH, 3).contiguous()
+    boxes = torch.from_numpy(crop_boxes(20, PATCH, PATCH, rng))
+    out = resized_crops(flat, boxes, 24)  # a constant colour stays exactly that colour: no colour jitter
+    torch.testing.assert_close(out, normalize(flat[:, :24, :24]), atol=1e-5, rtol=0)
+    assert 0 < boxes[:, 4].sum() < 20 and 0 < boxes[:, 5].sum() < 20  # both flips, sometimes
+    assert len({tuple(b[:4].tolist()) for b in boxes}) == 20  # every patch its own crop
 
 
 def test_workers_give_the_same_samples_as_the_main_process(cohort):
@@ -173,12 +190,12 @@ def test_workers_give_the_same_samples_as_the_main_process(cohort):
     ds.set_epoch(3, np.array([4, 0, 1, 2, 3, 0]))
 
     def collect(workers):
-        return [(x, i) for x, _, i in DataLoader(ds, batch_size=2, num_workers=workers)]
+        return [(x, b, i) for x, b, _, i in DataLoader(ds, batch_size=2, num_workers=workers)]
 
     main, parallel = collect(0), collect(2)
     assert len(main) == len(parallel) == 3
-    for (xa, ia), (xb, ib) in zip(main, parallel):
-        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    for (xa, ba, ia), (xb, bb, ib) in zip(main, parallel):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ba, bb)
 
 
 def test_failed_case_is_skipped_with_a_message(cohort, caplog):
@@ -191,7 +208,7 @@ def test_failed_case_is_skipped_with_a_message(cohort, caplog):
 
 def test_full_bag_yields_every_patch_once_with_coords(cohort):
     bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
-    chunks = list(iter_full_bag(bags["CASE-01"], 20, PATCH, chunk=5))
+    chunks = list(iter_full_bag(bags["CASE-01"], 20, chunk=5))
     slides = [s for s, _, _ in chunks]
     assert sorted(set(slides)) == ["S010", "S011"]
     coords = np.concatenate([c for _, c, _ in chunks])
@@ -215,3 +232,14 @@ def test_balanced_order_oversamples_minority():
 def test_bad_sampling_config_is_a_clear_error(cohort):
     with pytest.raises(ValueError, match="ratios"):
         dataset_of(cohort, ratios=(0.5, 0.6))
+
+
+def test_a_corrupt_patch_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.lmdb"
+    with LmdbWriter(path, capacity_bytes=1 << 20) as writer:
+        writer.add(b"not a jpeg", (0, 0), 1.0)
+        writer.close({"slide_id": "BAD", "magnification": 10, "status": "ok"})
+    bag = Bag("BAD", ["BAD"], {10: [LmdbReader(path)]})
+    ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 2, [10], [1.0], 16, seed=0)
+    with pytest.raises(ValueError, match=r"bad\.lmdb patch 0: .*re-run its patch job"):
+        ds[0]

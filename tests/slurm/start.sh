@@ -80,7 +80,7 @@ PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 CONF
 cat > "$GRES" <<CONF
-$MARK
+$MARK (state in $STATE)
 NodeName=$NODE Name=gpu Count=1 File=/dev/null
 CONF
 

@@ -5,7 +5,6 @@ set -uo pipefail
 STATE=${1:?usage: stop.sh STATE_DIR}
 MARK="# written by e2epath tests/slurm/start.sh"
 
-scancel --user=root >/dev/null 2>&1 || true
 for name in slurmd slurmctld munged; do
   pidfile="$STATE/$name.pid"
   [ -s "$pidfile" ] || continue
@@ -15,7 +14,9 @@ for name in slurmd slurmctld munged; do
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$pidfile"
 done
+# Only the config this STATE_DIR's start.sh wrote (not another test run's).
+STATE=$(cd "$STATE" 2>/dev/null && pwd || echo "$STATE")
 for f in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
-  if [ -e "$f" ] && grep -qF "$MARK" "$f"; then rm -f "$f"; fi
+  if [ -e "$f" ] && grep -qF "$MARK (state in $STATE)" "$f"; then rm -f "$f"; fi
 done
 exit 0

@@ -2,14 +2,16 @@
 
 A bag is a case: the patches of all its slides. Training draws ⌈s·σ_j⌉ patches per
 magnification j uniformly without replacement (with replacement only when the case has fewer),
-decodes RGB and applies geometric augmentation only (flips, RandomResizedCrop). Items are uint8
-NHWC: ImageNet RGB normalisation happens on the device (`normalize`), so a loader worker ships a
-quarter of the bytes and the GPU, not the CPU, does the arithmetic.
+decodes them to RGB and draws geometric augmentation only: a RandomResizedCrop box and flips per
+patch. Loader workers do what only a CPU can (LMDB get + JPEG decode) and ship uint8 patches at
+their stored size plus the boxes; `resized_crops` then crops, flips, resizes and normalises
+(ImageNet RGB statistics) the whole bag in one batched `grid_sample` on the training device.
+On a GPU that costs nothing, and the loader runs at the speed of decoding (bench/loader.py).
 
 Every draw comes from a generator seeded by (seed, epoch, position in the epoch's order), so the
-same config gives the same patches whatever the number of loader workers, and a bag drawn twice
-in an epoch (minority oversampling) gets two different samples. Stores open lazily, once per
-worker process (`LmdbReader`).
+same config gives the same patches and boxes whatever the number of loader workers, and a bag
+drawn twice in an epoch (minority oversampling) gets two different samples. Stores open lazily,
+once per worker process (`LmdbReader`).
 """
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+import torch.nn.functional as F
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .io import read_json
-from .preprocess.store import LmdbReader
+from .preprocess.store import LmdbReader, _shared_env, patch_key
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +99,20 @@ def decode_rgb(jpeg: bytes) -> np.ndarray:
     return rgb
 
 
-def read_rgb(store: LmdbReader, index: int) -> np.ndarray:
-    try:
-        return decode_rgb(store.get_jpeg(index))
-    except ValueError as err:
-        raise ValueError(f"{store.path} patch {index}: {err}; re-run its patch job") from err
+def iter_rgb(store: LmdbReader, indices) -> Iterator[np.ndarray]:
+    """Decoded RGB patches ``indices`` of one store, read in one transaction and decoded straight
+    from LMDB's memory map (`LmdbReader.get_jpeg` pays a transaction and a copy per patch).
+    Consume each patch before the next: one live decode buffer stays hot in the CPU cache."""
+    with _shared_env(store.path).begin(buffers=True) as txn:
+        for i in indices:
+            buf = txn.get(patch_key(int(i)))
+            if buf is None:
+                raise KeyError(f"{store.path}: no patch {i} (store holds {len(store)}); re-run its patch job")
+            try:
+                rgb = decode_rgb(buf)
+            except ValueError as err:
+                raise ValueError(f"{store.path} patch {i}: {err}; re-run its patch job") from err
+            yield rgb
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -118,19 +131,38 @@ def to_tensor(patches: np.ndarray) -> torch.Tensor:
     return normalize(torch.from_numpy(np.ascontiguousarray(patches))).contiguous()
 
 
-def augment(rgb: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Flips and RandomResizedCrop (area 0.5–1, aspect 3/4–4/3) to ``size``; geometry only."""
-    h, w = rgb.shape[:2]
-    area = h * w * rng.uniform(0.5, 1.0)
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw = min(w, int(round(math.sqrt(area * aspect))))
-    ch = min(h, int(round(math.sqrt(area / aspect))))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    out = cv2.resize(rgb[y0:y0 + ch, x0:x0 + cw], (size, size), interpolation=cv2.INTER_AREA)
-    flip_x, flip_y = rng.random() < 0.5, rng.random() < 0.5
-    if flip_x or flip_y:  # cv2.flip codes: 1 horizontal, 0 vertical, -1 both
-        out = cv2.flip(out, -1 if flip_x and flip_y else (1 if flip_x else 0))
-    return out
+def crop_boxes(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` RandomResizedCrop boxes (area 0.5–1, aspect 3/4–4/3) with flips:
+    float32 [n, 6] = x0, y0, width, height, flip_x, flip_y (pixels of an h × w patch)."""
+    area = h * w * rng.uniform(0.5, 1.0, n)
+    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
+    cw = np.minimum(w, np.round(np.sqrt(area * aspect)))
+    ch = np.minimum(h, np.round(np.sqrt(area / aspect)))
+    x0 = np.floor(rng.random(n) * (w - cw + 1))
+    y0 = np.floor(rng.random(n) * (h - ch + 1))
+    flips = rng.random((n, 2)) < 0.5
+    return np.column_stack([x0, y0, cw, ch, flips]).astype(np.float32)
+
+
+def full_boxes(n: int, h: int, w: int) -> torch.Tensor:
+    """Boxes that keep whole patches, unflipped (evaluation)."""
+    return torch.tensor([[0, 0, w, h, 0, 0]], dtype=torch.float32).repeat(n, 1)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes`` out of uint8 patches [N, H, W, 3], flip, resize to ``size`` (bilinear) and
+    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag."""
+    n, h, w = x.shape[:3]
+    if n == 0:
+        return torch.zeros(0, 3, size, size, device=x.device)
+    b = boxes.to(x.device, torch.float32)
+    sx = torch.where(b[:, 4] > 0, -1.0, 1.0) * b[:, 2] / w  # output [-1, 1] spans the box
+    sy = torch.where(b[:, 5] > 0, -1.0, 1.0) * b[:, 3] / h
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, (2 * b[:, 0] + b[:, 2]) / w - 1], -1),
+                         torch.stack([zero, sy, (2 * b[:, 1] + b[:, 3]) / h - 1], -1)], 1)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(normalize(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -142,7 +174,8 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
 class MultiScaleBagDataset(Dataset):
     """Training bags of exactly Σ⌈s·σ_j⌉ patches, in the order set by :meth:`set_epoch`.
 
-    Item ``i`` of an epoch is bag ``order[i]``: (uint8 patches [S, H, W, 3], target, bag index).
+    Item ``i`` of an epoch is bag ``order[i]``: (uint8 patches [S, P, P, 3] at the stored size P,
+    crop boxes [S, 6] for `resized_crops`, target, bag index).
     """
 
     def __init__(self, bags: list[Bag], targets: list[torch.Tensor], n_instances: int,
@@ -195,24 +228,53 @@ class MultiScaleBagDataset(Dataset):
 
     def __getitem__(self, position: int):
         index = int(self.order[position])
-        bag = self.bags[index]
+        bag, picks = self.bags[index], self.sample(position)
+        patches = None
+        for (m, s), ks in _group(picks).items():
+            for k, rgb in zip(ks, iter_rgb(bag.stores[m][s], [picks[k][2] for k in ks])):
+                if patches is None:
+                    patches = _bag_buffer((len(picks), *rgb.shape))
+                elif rgb.shape != patches.shape[1:]:  # a store of another patch size: match the first
+                    rgb = resize(rgb, patches.shape[1])
+                patches.numpy()[k] = rgb
         rng = np.random.default_rng([self.seed, self.epoch, position, 1])
-        patches = np.empty((self.bag_size, self.input_size, self.input_size, 3), np.uint8)
-        for k, (m, s, i) in enumerate(self.sample(position)):
-            patches[k] = augment(read_rgb(bag.stores[m][s], i), self.input_size, rng)
-        return torch.from_numpy(patches), self.targets[index], index
+        boxes = crop_boxes(len(picks), *patches.shape[1:3], rng)
+        return patches, torch.from_numpy(boxes), self.targets[index], index
 
 
-def iter_full_bag(bag: Bag, magnification: int, input_size: int, chunk: int):
+def _bag_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 bag memory; in a loader worker it is shared memory from the start, so handing the
+    bag to the main process copies nothing (see `collate_bags`)."""
+    out = torch.empty(shape, dtype=torch.uint8)
+    return out.share_memory_() if get_worker_info() is not None else out
+
+
+def collate_bags(items: list) -> list:
+    """`default_collate`, except that a batch of one bag is a view, not a copy of 10^8 bytes."""
+    if len(items) == 1:
+        return [x.unsqueeze(0) if isinstance(x, torch.Tensor) else default_collate([x]) for x in items[0]]
+    return default_collate(items)
+
+
+def _group(picks: list[tuple[int, int, int]]) -> dict[tuple[int, int], list[int]]:
+    """(magnification, store) → positions in the bag, so each store is read in one go."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (m, s, _) in enumerate(picks):
+        groups.setdefault((m, s), []).append(k)
+    return groups
+
+
+def iter_full_bag(bag: Bag, magnification: int, chunk: int):
     """Every patch of one magnification, slide by slide, in chunks.
 
-    Yields (slide_id, coords [n, 2], uint8 [n, H, W, 3]); `normalize` on the device.
+    Yields (slide_id, coords [n, 2], uint8 [n, P, P, 3]); `resized_crops` with `full_boxes` on
+    the device makes them model inputs exactly as in training, minus the randomness.
     """
     for store in bag.stores.get(magnification, []):
         slide, coords = store.meta["slide_id"], store.coords
         for start in range(0, len(store), chunk):
             stop = min(start + chunk, len(store))
-            rgb = np.stack([resize(read_rgb(store, i), input_size) for i in range(start, stop)])
+            rgb = np.stack(list(iter_rgb(store, range(start, stop))))
             yield slide, coords[start:stop], torch.from_numpy(rgb)
 
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import Bag, MultiScaleBagDataset, balanced_order, iter_full_bag, load_bags, normalize
+from ..data import (Bag, MultiScaleBagDataset, balanced_order, collate_bags, full_boxes, iter_full_bag, load_bags,
+                    resized_crops)
 from ..models import build_aggregator
 from .fold import (bag_outputs, encoder_from_spec, finish_checkpoint, keep_cases, load_fold, make_task,
                    parser, prepare_checkpoint)
@@ -30,17 +31,12 @@ class E2EModel(nn.Module):
         self.encoder, self.aggregator = encoder, aggregator
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB [n, H, W, 3] or normalised float [n, 3, H, W] → [n, D].
-
-        channels_last feeds cuDNN's fast NHWC kernels on GPU; the CPU keeps the default layout.
-        """
-        if patches.dtype == torch.uint8:
-            patches = normalize(patches)
+        """Normalised [n, 3, H, W] → [n, D]; channels_last feeds cuDNN's fast NHWC kernels on GPU."""
         layout = torch.channels_last if patches.is_cuda else torch.contiguous_format
         return self.encoder(patches.contiguous(memory_format=layout))
 
     def forward(self, bags: torch.Tensor) -> torch.Tensor:
-        """bags: [B, S, H, W, 3] uint8 (or [B, S, 3, H, W] float) → logits [B, outputs]."""
+        """bags: [B, S, 3, H, W] normalised → logits [B, outputs]."""
         b, s = bags.shape[:2]
         feats = self.encode(bags.flatten(0, 1)).view(b, s, -1)
         return self.aggregator(feats)
@@ -53,14 +49,21 @@ def epoch_order(strata: np.ndarray, spec: dict, seed: int, epoch: int) -> np.nda
 
 
 def sampled_batches(dataset: MultiScaleBagDataset, strata: np.ndarray, spec: dict, seed: int, dev):
-    """epoch → iterator of (uint8 bags [B, S, H, W, 3] on ``dev``, targets)."""
+    """epoch → iterator of (augmented, normalised bags [B, S, 3, size, size] on ``dev``, targets).
+
+    Workers decode; cropping, flipping, resizing and normalising run batched on ``dev``.
+    """
+    size = spec["input_size"]
+
     def batches(epoch: int):
         dataset.set_epoch(epoch, epoch_order(strata, spec, seed, epoch))
-        loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=False,
+        loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=False, collate_fn=collate_bags,
                             num_workers=spec["workers"], pin_memory=dev.type == "cuda",
                             prefetch_factor=2 if spec["workers"] else None)
-        for patches, target, _ in loader:
-            yield patches.to(dev, non_blocking=True), target
+        for patches, boxes, target, _ in loader:
+            b, s = patches.shape[:2]
+            x = resized_crops(patches.to(dev, non_blocking=True).flatten(0, 1), boxes.flatten(0, 1), size)
+            yield x.view(b, s, *x.shape[1:]), target
     return batches
 
 
@@ -68,15 +71,18 @@ def full_bag_predictor(model: E2EModel, task, bags: dict[str, Bag], spec: dict, 
     """case ids → (predictions, attention per slide), all patches of the eval magnification."""
     mag, size, chunk = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"]
 
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        return resized_crops(x.to(dev), full_boxes(len(x), *x.shape[1:3]), size)
+
     @torch.no_grad()
     def predict(case_ids: list[str]):
         model.eval()
         logits, attention = [], []
         for case in case_ids:
             feats, parts = [], []
-            for slide, coords, x in iter_full_bag(bags[case], mag, size, chunk):
+            for slide, coords, x in iter_full_bag(bags[case], mag, chunk):
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    feats.append(model.encode(x.to(dev)).float())
+                    feats.append(model.encode(inputs(x)).float())
                 parts.append((slide, coords))
             if not feats:
                 raise RuntimeError(f"case {case}: no patches at {mag}x for evaluation")
@@ -123,6 +129,10 @@ def cli(argv: list[str] | None = None) -> int:
                                    spec["input_size"], seed)
     logger.info("training bags: %d patches each (%s), %d px; evaluation: every patch at %dx",
                 dataset.bag_size, dict(zip(dataset.mags, dataset.counts)), spec["input_size"], eval_mag)
+    if spec["batch_size"] == 1 and spec["weights"] in (None, "auto"):
+        logger.warning("batch_size 1: BatchNorm normalises each step by one case's patches, evaluation by "
+                       "running statistics; from random init this mismatch can invert predictions (seen on "
+                       "the demo). Prefer batch_size >= 2 or ImageNet weights")
     batches = sampled_batches(dataset, task.strata(train), spec, seed, dev)
     predict = full_bag_predictor(model, task, bags, spec, dev)
     prepare_checkpoint(fold.checkpoint, spec)

@@ -123,13 +123,18 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
     return FitResult(pd.DataFrame(state["history"]), state["best_epoch"], state["best_state"])
 
 
-def train_epoch(model, task: Task, batches, opt, scaler, accumulate: int, dev) -> tuple[float, int]:
-    """One pass over ``batches``; returns (mean loss per step, bags seen)."""
+def train_epoch(model, task: Task, batches, opt, scaler, accumulate: int, dev,
+                amp: bool | None = None) -> tuple[float, int]:
+    """One pass over ``batches``; returns (mean loss per step, bags seen).
+
+    ``amp``: autocast to fp16 (default: on CUDA only; the CPU trains in fp32).
+    """
+    amp = dev.type == "cuda" if amp is None else amp
     model.train()
     total, n, bags = 0.0, 0, 0
     opt.zero_grad(set_to_none=True)
     for step, (inputs, target) in enumerate(batches, start=1):
-        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, enabled=amp):
             logits = model(inputs)
         loss = task.loss(logits, target.to(dev))
         scaler.scale(loss / accumulate).backward()
