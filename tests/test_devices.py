@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2epath.devices import candidate_devices, claim_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +34,7 @@ class Job:
 
     def __init__(self, tmp: Path, name: str, env: dict[str, str], n_gpus: int = 1):
         self.status, self.release = tmp / f"{name}.claimed", tmp / f"{name}.release"
-        self.stderr = open(tmp / f"{name}.err", "w+")
+        self.stderr = open(tmp / f"{name}.err", "w+")  # noqa: SIM115 - closed by the `jobs` fixture
         self.proc = subprocess.Popen([sys.executable, "-c", JOB, str(n_gpus), str(self.status), str(self.release)],
                                      env=env, stderr=self.stderr)
 
@@ -141,9 +140,8 @@ def test_slurm_devices_are_honoured_and_locked_per_allocation(tmp_path, monkeypa
     with claim_gpu(1) as got:
         assert got == ["5"] and os.environ["CUDA_VISIBLE_DEVICES"] == "5"
         assert (tmp_path / "slurm-123" / "gpu5.lock").exists()
-    with pytest.raises(RuntimeError, match="asks for 2 GPUs"):
-        with claim_gpu(2):
-            pass
+    with pytest.raises(RuntimeError, match="asks for 2 GPUs"), claim_gpu(2):
+        pass
 
 
 def test_no_gpu_asked_or_none_visible_runs_on_the_cpu(tmp_path, monkeypatch):

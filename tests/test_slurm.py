@@ -41,14 +41,14 @@ def slurm(tmp_path_factory):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="snakemake-executor-plugin-slurm not installed")
     state = tmp_path_factory.mktemp("slurm-state")
     start = subprocess.run(["bash", str(SLURM_DIR / "start.sh"), str(state)], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=120, check=False)
     try:
         if start.returncode == 77:
             pytest.skip(start.stderr.strip().removeprefix("SKIP: "))
         assert start.returncode == 0, start.stdout + start.stderr
         yield state
     finally:
-        subprocess.run(["bash", str(SLURM_DIR / "stop.sh"), str(state)], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(SLURM_DIR / "stop.sh"), str(state)], capture_output=True, timeout=60, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def run(slurm, tmp_path_factory):
            "--configfile", str(run / "config.yaml"), "--profile", str(ROOT / "profiles" / "slurm"),
            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
            "--slurm-keep-successful-logs", "--verbose", *TARGETS]
-    res = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=1200)
+    res = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=1200, check=False)
     log = res.stdout + res.stderr
     (run / "snakemake.log").write_text(log)
     assert res.returncode == 0, log[-6000:] + "\n" + (slurm / "slurmctld.log").read_text()[-3000:]

@@ -1,4 +1,5 @@
 # Sample sheet, config validation, input functions and wildcard constraints shared by all rules.
+import functools
 import json
 import sys
 from pathlib import Path
@@ -89,8 +90,14 @@ def method_rows(wildcards):
     return patch_rows(magnifications_used(method_spec(wildcards)))
 
 
-def patch_rows(mags):
+@functools.cache
+def _patch_rows(mags):
     return expand("results/patches/{mag}x/{slide}.json", mag=mags, slide=SLIDES)
+
+
+def patch_rows(mags):
+    """Manifest rows of every slide at ``mags`` (cached: every training job asks for them)."""
+    return _patch_rows(tuple(mags))
 
 
 def lmdbs(mags):

@@ -38,6 +38,9 @@ log_fd = os.open(sm.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 os.dup2(log_fd, 1)
 os.dup2(log_fd, 2)
 print("e2epath", *argv, flush=True)
+import logging  # noqa: E402 - so that the device claim below is logged too
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 from e2epath.devices import claim_gpu  # noqa: E402 - after sys.path is set
 
 with claim_gpu(int(sm.resources.get("gpu", 0))):
