@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from e2epath.data import resized_crops  # noqa: E402
-from e2epath.models import build_aggregator, build_encoder  # noqa: E402
-from e2epath.train.e2e import E2EModel  # noqa: E402
-from e2epath.train.loop import build_optimizer, train_epoch  # noqa: E402
-from e2epath.train.tasks import ClassificationTask  # noqa: E402
+from e2epath.data import resized_crops
+from e2epath.models import build_aggregator, build_encoder
+from e2epath.train.e2e import E2EModel
+from e2epath.train.loop import build_optimizer, train_epoch
+from e2epath.train.tasks import ClassificationTask
 
 
 def synthetic_batches(n_steps: int, bag: int, stored: int, size: int, dev: torch.device):

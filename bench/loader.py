@@ -1,9 +1,13 @@
 """Bag loader throughput vs the raw floor: LMDB get + JPEG decode of the very same keys.
 
-The training dataset (`MultiScaleBagDataset`) adds sampling, RGB decode, RandomResizedCrop + flips
-and packing into one uint8 bag; the baseline only gets and decodes each sampled key. Both are
-timed in the same run, per worker (one process) and with 2 worker processes, and printed as a
-Markdown table with ratios (goal: dataset ≥ 0.85× raw per worker).
+The training dataset (`MultiScaleBagDataset`) adds sampling, RGB decode into one uint8 bag array
+and crop boxes (the crop / flip / resize itself runs batched on the training device, see
+`data.resized_crops`); the baseline only gets and decodes each sampled key. A second floor,
+"raw into fresh bag arrays", also copies each decoded patch into a newly allocated bag, which any
+loader must do: it separates the cost of fresh memory (page faults; expensive in some sandboxes
+and VMs) from the dataset's own overhead. Everything is timed in the same run, per worker (one
+process) and with 2 worker processes, and printed as a Markdown table with ratios (goal: dataset
+≥ 0.85× raw per worker).
 
     python bench/loader.py                      # synthetic 256-px H&E-like stores in a temp dir
     python bench/loader.py --stores a.lmdb b.lmdb --magnifications 10 20   # your own stores
@@ -24,8 +28,14 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from e2epath.data import Bag, MultiScaleBagDataset, collate_bags  # noqa: E402
-from e2epath.preprocess.store import LmdbReader, LmdbWriter, close_all, encode_jpeg, patch_key  # noqa: E402
+from e2epath.data import Bag, MultiScaleBagDataset, collate_bags
+from e2epath.preprocess.store import (
+    LmdbReader,
+    LmdbWriter,
+    close_all,
+    encode_jpeg,
+    patch_key,
+)
 
 
 def synthetic_patch(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -80,9 +90,9 @@ def raw_loop(keys: list[tuple[str, bytes]]) -> int:
     for path, key in keys:
         img = cv2.imdecode(np.frombuffer(txns[path].get(key), np.uint8), cv2.IMREAD_COLOR)
         n += img is not None
-    for path in envs:
+    for path, env in envs.items():
         txns[path].abort()
-        envs[path].close()
+        env.close()
     return n
 
 
@@ -103,9 +113,9 @@ def raw_into_bags(keys: list[tuple[str, bytes]], bag_size: int) -> int:
             bag = np.empty((bag_size, *img.shape), np.uint8)
         bag[k % bag_size] = img
         n += 1
-    for path in envs:
+    for path, env in envs.items():
         txns[path].abort()
-        envs[path].close()
+        env.close()
     return n
 
 

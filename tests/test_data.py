@@ -13,12 +13,28 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from e2epath.data import (IMAGENET_MEAN, IMAGENET_STD, Bag, MultiScaleBagDataset, balanced_order, crop_boxes,
-                          full_boxes, iter_full_bag, load_bags, normalize, resized_crops, scale_counts)
+from e2epath.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Bag,
+    MultiScaleBagDataset,
+    balanced_order,
+    crop_boxes,
+    full_boxes,
+    iter_full_bag,
+    load_bags,
+    normalize,
+    resized_crops,
+    scale_counts,
+)
 from e2epath.io import write_json
-from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg, write_empty_store
+from e2epath.preprocess.store import (
+    LmdbReader,
+    LmdbWriter,
+    encode_jpeg,
+    write_empty_store,
+)
+from torch.utils.data import DataLoader
 
 PATCH = 32
 

@@ -57,7 +57,7 @@ def _split_off(idx: np.ndarray, key: np.ndarray, fraction: float, seed: int, wha
         return np.sort(idx), idx[:0]
     stratify = key[idx]
     n_strata = len(np.unique(stratify))
-    n_part = max(1, int(round(fraction * len(idx))))
+    n_part = max(1, round(fraction * len(idx)))
     if pd.Series(stratify).value_counts().min() >= 2 and len(idx) - n_part >= n_strata:
         if n_part < n_strata:
             logger.info("%s: %d case(s) instead of %d so that each of the %d strata is present",

@@ -13,11 +13,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import (Bag, MultiScaleBagDataset, balanced_order, collate_bags, full_boxes, iter_full_bag, load_bags,
-                    resized_crops)
+from ..data import (
+    Bag,
+    MultiScaleBagDataset,
+    balanced_order,
+    collate_bags,
+    full_boxes,
+    iter_full_bag,
+    load_bags,
+    resized_crops,
+)
 from ..models import build_aggregator
-from .fold import (bag_outputs, encoder_from_spec, finish_checkpoint, keep_cases, load_fold, make_task,
-                   parser, prepare_checkpoint)
+from .fold import (
+    bag_outputs,
+    encoder_from_spec,
+    finish_checkpoint,
+    keep_cases,
+    load_fold,
+    make_task,
+    parser,
+    prepare_checkpoint,
+)
 from .loop import device, fit, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -107,7 +123,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fold = load_fold(args)
     spec, dev = fold.spec, device()
-    all_cases = sum(fold.cases.values(), [])
+    all_cases = [c for ids in fold.cases.values() for c in ids]
     bags = load_bags(args.slides, args.rows, all_cases)
     eval_mag = spec["eval_magnification"]
     sampling = spec["sampling"]

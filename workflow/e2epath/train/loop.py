@@ -12,9 +12,10 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -173,9 +174,8 @@ def write_outputs(result: FitResult, model: torch.nn.Module, predict: Predict, t
     for slide, (attn, coords) in attention.items():
         arrays[slide] = attn.astype(np.float32)
         arrays[f"{slide}__coords"] = coords.astype(np.int32)
-    with atomic_path(out["attention"]) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    with atomic_path(out["attention"]) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
     with atomic_path(out["model"]) as tmp:
         torch.save({"model": result.best_state, "spec": spec, "best_epoch": result.best_epoch,
                     **(extra or {})}, tmp)

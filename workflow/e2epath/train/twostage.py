@@ -11,7 +11,15 @@ import pandas as pd
 import torch
 
 from ..models import build_aggregator
-from .fold import bag_outputs, finish_checkpoint, keep_cases, load_fold, make_task, parser, prepare_checkpoint
+from .fold import (
+    bag_outputs,
+    finish_checkpoint,
+    keep_cases,
+    load_fold,
+    make_task,
+    parser,
+    prepare_checkpoint,
+)
 from .loop import device, fit, write_outputs
 
 logger = logging.getLogger(__name__)
@@ -39,7 +47,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fold = load_fold(args)
     spec, dev = fold.spec, device()
-    bags = load_feature_bags(args.slides, args.features, set(sum(fold.cases.values(), [])))
+    bags = load_feature_bags(args.slides, args.features, {c for ids in fold.cases.values() for c in ids})
     keep_cases(fold, set(bags))
     task = make_task(fold)
     in_dim = next(iter(bags.values()))[0].shape[1]
