@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import cv2
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as e2epath's steps do, before torch loads
+import cv2  # noqa: E402
 import lmdb
 import numpy as np
 import torch

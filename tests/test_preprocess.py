@@ -197,6 +197,25 @@ def test_tissue_area_hole_pen_and_geojson(cohort):
     assert thumb is not None and max(thumb.shape[:2]) == 1024
 
 
+def test_black_ink_over_tissue_is_excluded_but_dark_nuclei_are_kept():
+    """Black marker over tissue blends to a dark purple-grey (V 60-90, S < 110), not near-black;
+    dense dark nuclei are as dark but saturated. Image at seg_mpp (8 µm/px): 1 px = 8 µm."""
+    p = tissue.PRESETS["resection"]
+    rgb = np.full((200, 300, 3), 242, np.uint8)                       # glass
+    rgb[20:180, 20:280] = (234, 158, 196)                             # eosin-pink tissue
+    rgb[40:100, 40:110] = (70, 40, 120)                               # dense dark nuclei, saturated
+    band = np.zeros((200, 300), bool)
+    band[120:150, 20:280] = True                                      # 240 µm wide ink band across
+    ink = np.array((45, 45, 55), np.float32) / 255
+    rgb[band] = (rgb[band] * (1 - 0.8 * (1 - ink))).round().astype(np.uint8)
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    assert hsv[135, 150, 2] > p.dark_value                            # the old near-black rule misses it
+    mask = tissue.segment(rgb, p) > 0
+    assert not mask[band].any()
+    assert mask[50:90, 50:100].all()                                  # nuclei kept
+    assert mask[30:35, 150:250].all() and mask[165:175, 150:250].all()  # tissue on both sides of the ink
+
+
 def test_biopsy_preset_keeps_small_fragment(cohort):
     g = run_tissue(cohort["out"], "tis20", preset="biopsy", tag="_biopsy")
     _, main_area = tis20_truth()

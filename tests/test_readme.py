@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_commands():
     commands = readme_commands()
     assert len(commands) == 2
-    assert commands[0].endswith("snakemake --cores 8 --resources gpu=1 all")
+    assert commands[0].endswith("snakemake all --cores 8 --resources gpu=1")
     assert commands[1].endswith("python -m pytest")
 
 
@@ -32,3 +33,35 @@ def test_readme_benchmarks_come_from_bench_scripts():
     assert named, "README names no bench/ script"
     for script in named:
         assert (ROOT / "bench" / script).is_file(), script
+
+
+def documented_snakemake_commands() -> list[list[str]]:
+    """Arguments of every `snakemake` command in a code block of README.md and config/README.md."""
+    found = []
+    for doc in ("README.md", "config/README.md"):
+        text = (ROOT / doc).read_text()
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S) + re.findall(r"^    (snakemake .*)$", text, re.M)
+        for line in "\n".join(blocks).splitlines():
+            words = shlex.split(line, comments=True)
+            starts = [i for i, w in enumerate(words) if w.endswith("snakemake")]
+            for i in starts:
+                args = words[i + 1:]
+                found.append(args[:args.index("&&")] if "&&" in args else args)
+    return found
+
+
+def test_documented_snakemake_commands_parse_as_meant(monkeypatch):
+    """Snakemake's own parser reads each command: `--resources` takes every word after it, so a
+    target written after `--resources gpu=1` is an error, not a target."""
+    from snakemake.cli import parse_args
+
+    monkeypatch.chdir(ROOT)
+    commands = documented_snakemake_commands()
+    assert len(commands) >= 4
+    rules = set(re.findall(r"^rule (\w+):", "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk")), re.M))
+    rules |= set(re.findall(r"^rule (\w+):", (ROOT / "Snakefile").read_text(), re.M))
+    for args in commands:
+        _, parsed = parse_args(args)
+        assert parsed.targets and set(parsed.targets) <= rules, (args, parsed.targets)
+        if "--resources" in args:
+            assert {k: v.value for k, v in parsed.resources.items()} == {"gpu": 1}, args

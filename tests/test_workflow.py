@@ -6,6 +6,7 @@ rerun, and that the report and lint work from a clone run elsewhere (`-s … --d
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,12 +36,13 @@ TINY = {
 }
 
 
-def snakemake(run: Path, config: dict, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def snakemake(run: Path, config: dict, *args: str, timeout: int = 1500,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cfg = run / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(run),
            "--configfile", str(cfg), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def planned(run: Path, config: dict) -> dict[str, int]:
@@ -171,6 +173,31 @@ def test_adding_a_slide_runs_only_its_jobs_and_aggregates(run):
     jobs = planned(run, edited(samples="resources/demo/extra.tsv"))
     assert jobs["slide_qc"] == 1 and jobs["tissue"] == 1 and jobs["patch"] == 3
     assert jobs["qc_table"] == 1 and jobs["manifest"] == 1 and jobs["extract_features"] == 1
+
+
+def gpu_requests(run: Path, gpus: str) -> dict[str, set[int]]:
+    """The `gpu` resource of every job of `all` (dry run) on a host with ``gpus`` (fake) GPUs."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["E2EPATH_GPU_COUNT"] = gpus
+    res = snakemake(run, TINY, "-n", "--forceall", "all", "--cores", "2", "--resources", "gpu=1", env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    requests: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", res.stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            gpu = re.search(r"^\s+resources:.*\bgpu=(\d+)", block, re.M)
+            requests.setdefault(rule[1], set()).add(int(gpu[1]) if gpu else 0)
+    return requests
+
+
+@pytest.mark.parametrize("gpus", ["0", "2"])
+def test_gpu_rules_ask_for_a_gpu_only_where_there_is_one(run, gpus):
+    """On a CPU-only host `--resources gpu=1` must not make CPU training run one job at a time."""
+    requests = gpu_requests(run, gpus)
+    gpu_rules = {"train_e2e", "extract_features", "train_mil"}
+    assert gpu_rules <= set(requests)
+    for rule, values in requests.items():
+        assert values == ({1} if rule in gpu_rules and gpus != "0" else {0}), (rule, values)
 
 
 def test_report_has_every_figure(run):

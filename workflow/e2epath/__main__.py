@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
+
+# Large CPU tensors on transparent huge pages (fewer page faults; bench/loader.py); torch reads it
+# once, at its first allocation, so it is set before any step imports torch.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 STEPS: dict[str, str] = {
     "demo": "e2epath.demo:cli",

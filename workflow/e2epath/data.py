@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .io import read_json
-from .preprocess.store import LmdbReader, _shared_env, patch_key
+from .preprocess.store import LmdbReader
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +100,15 @@ def decode_rgb(jpeg: bytes) -> np.ndarray:
 
 
 def iter_rgb(store: LmdbReader, indices) -> Iterator[np.ndarray]:
-    """Decoded RGB patches ``indices`` of one store, read in one transaction and decoded straight
-    from LMDB's memory map (`LmdbReader.get_jpeg` pays a transaction and a copy per patch).
+    """Decoded RGB patches ``indices`` of one store, decoded straight from LMDB's memory map.
     Consume each patch before the next: one live decode buffer stays hot in the CPU cache."""
-    with _shared_env(store.path).begin(buffers=True) as txn:
-        for i in indices:
-            buf = txn.get(patch_key(int(i)))
-            if buf is None:
-                raise KeyError(f"{store.path}: no patch {i} (store holds {len(store)}); re-run its patch job")
-            try:
-                rgb = decode_rgb(buf)
-            except ValueError as err:
-                raise ValueError(f"{store.path} patch {i}: {err}; re-run its patch job") from err
-            yield rgb
+    indices = list(indices)
+    for i, buf in zip(indices, store.iter_jpegs(indices)):
+        try:
+            rgb = decode_rgb(buf)
+        except ValueError as err:
+            raise ValueError(f"{store.path} patch {i}: {err}; re-run its patch job") from err
+        yield rgb
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from e2epath import sheets  # noqa: E402
+from e2epath.devices import candidate_devices  # noqa: E402
 from e2epath.methods import magnifications_used, resolve_methods, with_task_defaults  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -40,6 +41,10 @@ for name, spec in METHODS.items():
     if missing:
         raise WorkflowError(f"config: method {name!r} reads {missing}x patches but "
                             f"preprocess.magnifications is {MAGS}; add them there")
+# GPU rules ask for one `gpu` where this machine has GPUs. On a CPU-only machine they ask for none,
+# so `--resources gpu=1` does not make CPU training run one job at a time. The SLURM profile sets
+# gpu: 1 for these rules itself (its submit host may have no GPU).
+GPU = 1 if candidate_devices() else 0
 E2E_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "e2e"]
 TS_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "twostage"]
 

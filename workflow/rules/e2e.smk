@@ -28,6 +28,6 @@ rule train_e2e:
     resources:
         mem_mb=16000,
         runtime=24 * 60,
-        gpu=1,
+        gpu=GPU,
     script:
         "../scripts/step.py"

@@ -31,7 +31,7 @@ rule extract_features:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=1,
+        gpu=GPU,
     script:
         "../scripts/step.py"
 
@@ -61,6 +61,6 @@ rule train_mil:
     resources:
         mem_mb=8000,
         runtime=6 * 60,
-        gpu=1,
+        gpu=GPU,
     script:
         "../scripts/step.py"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,17 @@ class LmdbReader:
         if not 0 <= i < len(self):
             raise IndexError(f"{self.path}: patch {i} out of range (n={len(self)})")
         return self._get(patch_key(i))
+
+    def iter_jpegs(self, indices: Iterable[int]) -> Iterator[memoryview]:
+        """JPEG bytes of patches ``indices``, read in one transaction as zero-copy views of the
+        memory map (`get_jpeg` pays a transaction and a copy per patch). A view is valid only
+        until the next one is drawn: decode it first."""
+        with _shared_env(self.path).begin(buffers=True) as txn:
+            for i in indices:
+                buf = txn.get(patch_key(int(i)))
+                if buf is None:
+                    raise KeyError(f"{self.path}: no patch {i} (store holds {len(self)}); re-run its patch job")
+                yield buf
 
     def keys(self) -> list[bytes]:
         """Every key in the store (patch keys and the ``__meta__``-style records)."""

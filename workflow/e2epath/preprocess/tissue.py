@@ -3,7 +3,7 @@
 The slide is read from the coarsest level still at least as fine as ``seg_mpp`` (in windows) and
 area-resized to exactly ``seg_mpp``, so every size below is in microns and the result does not
 depend on the scanner. Tissue = median-blurred HSV saturation above an Otsu threshold, minus
-near-white glass and pen marks (strong green / blue hue, near-black), closed morphologically;
+near-white glass and pen marks (strong green / blue hue, near-black, dark grey ink), closed morphologically;
 pieces and holes smaller than the preset's areas (µm²) are dropped / filled.
 
 Outputs (CONTRACTS.md): mask PNG (0/255 at ``seg_mpp``), GeoJSON FeatureCollection in level-0 px
@@ -39,6 +39,8 @@ class TissueParams:
     white_value: int = 220         # near-white glass: V ≥ this and S < white_sat
     white_sat: int = 25
     dark_value: int = 50           # near-black: ink, debris, slide edge
+    ink_value: int = 110           # dark and greyish (V < ink_value, S < ink_sat): black ink laid over
+    ink_sat: int = 110             # tissue, which blends to dark purple-grey, not to near-black
     pen_um: float = 16.0           # pen masks grow by this (ink edges blend into tissue)
 
 
@@ -94,7 +96,9 @@ def excluded_pixels(hsv: np.ndarray, p: TissueParams) -> tuple[np.ndarray, np.nd
     glass = (v >= p.white_value) & (s < p.white_sat)
     green = (h >= 35) & (h <= 95) & (s >= 60)           # OpenCV hue 0-180: green ink
     blue = (h >= 100) & (h <= 125) & (s >= 170)         # saturated blue ink, not haematoxylin
-    pen = (green | blue | (v < p.dark_value)).astype(np.uint8)
+    # stained tissue this dark is also saturated (haematoxylin: S > 120 at V 100-140)
+    grey_ink = (v < p.ink_value) & (s < p.ink_sat)
+    pen = (green | blue | grey_ink | (v < p.dark_value)).astype(np.uint8)
     if pen.any():
         k = _odd(2 * p.pen_um, p.seg_mpp)
         pen = cv2.dilate(pen, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
@@ -259,7 +263,7 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--thumb-size", type=int, default=1024)
     for field in ("median_um", "closing_um", "min_area_um2", "min_hole_um2", "pen_um"):
         p.add_argument("--" + field.replace("_", "-"), type=float, default=None, help="override the preset")
-    for field in ("sat_floor", "sat_cap", "white_value", "white_sat", "dark_value"):
+    for field in ("sat_floor", "sat_cap", "white_value", "white_sat", "dark_value", "ink_value", "ink_sat"):
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
     a = p.parse_args(argv)
     overrides = {k: v for k, v in vars(a).items() if k in TissueParams.__dataclass_fields__ and v is not None}
