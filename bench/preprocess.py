@@ -1,6 +1,8 @@
 """Benchmark: patch packing throughput (patches/s) on demo-like slides written with slidewriter.
 
-(a) ours: ``patching.pack`` — coarsest adequate level, large windows sliced into patches;
+(a) ours: ``patching.pack`` — coarsest adequate level, large windows sliced into patches, JPEG tiles
+    decoded directly where that gives OpenSlide's pixels (``e2epath.tiles``);
+(a') the same packer with every read through OpenSlide (``E2EPATH_DIRECT_TILES=0``);
 (b) naive: one ``read_region`` per patch at the same level + cv2.resize + imencode + LMDB put;
 (c) level 0: one ``read_region`` per patch at level 0 + resize (what STAMP does), at 5x and 10x.
 All three pack the same kept patches (same tissue mask) into a real LMDB. Then one process vs two
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -110,6 +113,21 @@ def run_per_patch(entry: dict, mag: int, out: Path, level0: bool) -> int:
     return n
 
 
+def openslide_only(fn):
+    """``fn`` with the direct JPEG-tile path switched off: every read through OpenSlide."""
+    def run():
+        before = os.environ.get("E2EPATH_DIRECT_TILES")
+        os.environ["E2EPATH_DIRECT_TILES"] = "0"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["E2EPATH_DIRECT_TILES"]
+            else:
+                os.environ["E2EPATH_DIRECT_TILES"] = before
+    return run
+
+
 def timed(fn, repeats: int) -> tuple[int, float]:
     best = float("inf")
     for _ in range(repeats):
@@ -136,25 +154,26 @@ def main() -> None:
         t0 = time.perf_counter()
         slides = write_cohort(d, a.scale)
         print(f"wrote + segmented {len(slides)} slides in {time.perf_counter() - t0:.1f} s")
-        print("\n| mag | slides | patches | (a) ours p/s | ours, %d threads p/s | (b) naive p/s | (c) level 0 p/s "
-              "| a/b | a/c |" % a.threads)
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| mag | slides | patches | (a) ours p/s | ours, %d threads p/s | (a') ours, OpenSlide only p/s "
+              "| (b) naive p/s | (c) level 0 p/s | a/b | a'/b | a/c |" % a.threads)
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for mag in MAGS:
             usable = [s for s in slides if kept(s, mag) is not None]
-            totals = np.zeros(4)
+            totals = np.zeros(5)
             n_total = 0
             for s in usable:
                 out = d / "bench.lmdb"
                 n, ta = timed(lambda: run_ours(s, mag, out), a.repeats)
                 _, tt = timed(lambda: run_ours(s, mag, out, a.threads), a.repeats)
+                _, to = timed(openslide_only(lambda: run_ours(s, mag, out)), a.repeats)
                 _, tb = timed(lambda: run_per_patch(s, mag, out, level0=False), a.repeats)
                 tc = timed(lambda: run_per_patch(s, mag, out, level0=True), a.repeats)[1] if mag <= 10 else np.nan
-                totals += (ta, tt, tb, tc)
+                totals += (ta, tt, to, tb, tc)
                 n_total += n
-            pa, pt, pb, pc = n_total / totals
+            pa, pt, po, pb, pc = n_total / totals
             c_cells = (f"{pc:.0f}", f"{pa / pc:.2f}") if mag <= 10 else ("—", "—")
-            print(f"| {mag}x | {len(usable)} | {n_total} | {pa:.0f} | {pt:.0f} | {pb:.0f} | {c_cells[0]} "
-                  f"| {pa / pb:.2f} | {c_cells[1]} |")
+            print(f"| {mag}x | {len(usable)} | {n_total} | {pa:.0f} | {pt:.0f} | {po:.0f} | {pb:.0f} | {c_cells[0]} "
+                  f"| {pa / pb:.2f} | {po / pb:.2f} | {c_cells[1]} |")
         mag = 20
         jobs = [(s, mag, str(d / f"p{i}.lmdb")) for i, s in enumerate(slides)] * 2
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The only module that touches OpenSlide: open, microns per pixel and its source, level choice,
+"""The only module that reads slides (OpenSlide, plus direct JPEG tiles in `tiles`): open, microns per pixel and its source, level choice,
 and windowed reads that fail loudly.
 
 Microns per pixel, in the order of DESIGN.md ("Resolution"):
@@ -20,6 +20,7 @@ import ctypes
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -27,6 +28,8 @@ import cv2
 import numpy as np
 import openslide
 from openslide import lowlevel
+
+from . import tiles
 
 logger = logging.getLogger(__name__)
 
@@ -197,18 +200,28 @@ def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     return (rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
 
 
+def _openslide_rgb(osr: openslide.AbstractSlide, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    if _fast_path(osr):
+        return _bgra_to_rgb(_read_bgra(osr, level, x0, y0, w, h))
+    return _rgba_to_rgb(np.asarray(osr.read_region((x0, y0), level, (w, h))))
+
+
 def read_window(osr: openslide.AbstractSlide, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     """Read ``w × h`` level px at ``level`` whose top-left is level-0 ``(x0, y0)`` as RGB uint8.
 
-    A decode failure raises :class:`SlideReadError` naming the slide, level and window; no filler
-    is ever returned.
+    JPEG-tiled TIFF levels are decoded directly where that gives OpenSlide's pixels (`tiles`);
+    everything else, and every window the fast path declines, goes through OpenSlide. A decode
+    failure raises :class:`SlideReadError` naming the slide, level and window; no filler is ever
+    returned.
     """
     ds = float(osr.level_downsamples[level])  # after an error the handle answers nothing
     x0, y0, w, h, level = int(x0), int(y0), int(w), int(h), int(level)
+    direct = tiles.reader_for(osr, getattr(osr, "_filename", None), partial(_openslide_rgb, osr))
+    rgb = None if direct is None else direct.read(level, x0, y0, w, h)
+    if rgb is not None:
+        return rgb
     try:
-        if _fast_path(osr):
-            return _bgra_to_rgb(_read_bgra(osr, level, x0, y0, w, h))
-        return _rgba_to_rgb(np.asarray(osr.read_region((x0, y0), level, (w, h))))
+        return _openslide_rgb(osr, level, x0, y0, w, h)
     except lowlevel.OpenSlideError as e:
         window = (x0, y0, int(round(w * ds)), int(round(h * ds)))
         raise SlideReadError(slide_name(osr), level, window, str(e)) from e

@@ -1,0 +1,111 @@
+"""Direct JPEG-tile reads (e2epath.tiles) give exactly OpenSlide's pixels, or step aside.
+
+Real slides written by e2epath.slidewriter, read back through `slide.read_window` (which uses
+the fast path where it may) and compared with OpenSlide's own `read_region`.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from e2epath import slide as sl
+from e2epath import slidewriter as sw
+from e2epath import tiles
+
+def texture(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)[:h, :w]
+    return (img // 2 + np.array([110, 60, 90], np.uint8)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tiles")
+    img = texture(2048, 3072, 0)
+    return {
+        "aperio": sw.write_aperio_svs(d / "a.svs", img, mpp=0.25, app_mag=40, downsamples=(1, 4, 16)),
+        "generic": sw.write_generic_tiff(d / "g.tif", img[:, :3000], mpp=0.5, downsamples=(1, 2, 4, 8)),
+        "odd": sw.write_generic_tiff(d / "odd.tif", img[:2001, :2999], mpp=0.5, downsamples=(1, 2, 4, 8)),
+    }
+
+
+def openslide_rgb(osr, level, x0, y0, w, h) -> np.ndarray:
+    rgba = np.asarray(osr.read_region((x0, y0), level, (w, h)))
+    assert (rgba[..., 3] == 255).all()
+    return rgba[..., :3]
+
+
+@pytest.mark.parametrize("name, level, x0, y0, w, h", [
+    ("aperio", 0, 0, 0, 1024, 256), ("aperio", 0, 300, 517, 700, 333), ("aperio", 1, 1024, 512, 300, 200),
+    ("generic", 0, 13, 250, 2000, 300), ("generic", 1, 512, 256, 333, 111), ("generic", 3, 0, 0, 250, 250),
+])
+def test_direct_reads_equal_openslide_and_are_used(slides, name, level, x0, y0, w, h):
+    osr = sl.open_slide(slides[name])
+    got = sl.read_window(osr, level, x0, y0, w, h)
+    reader = tiles.reader_for(osr, slides[name], None)
+    assert reader is not None and reader.levels.get(level) is not None  # the fast path did this read
+    assert np.array_equal(got, openslide_rgb(osr, level, x0, y0, w, h))
+
+
+def test_levels_with_a_fractional_downsample_go_to_openslide(slides):
+    """Odd sizes: OpenSlide's level 1 downsample is 1.9997, and it interpolates; so do we, through it."""
+    osr = sl.open_slide(slides["odd"])
+    assert np.array_equal(sl.read_window(osr, 0, 1, 2, 700, 300), openslide_rgb(osr, 0, 1, 2, 700, 300))
+    assert np.array_equal(sl.read_window(osr, 1, 0, 0, 700, 300), openslide_rgb(osr, 1, 0, 0, 700, 300))
+    reader = tiles.reader_for(osr, slides["odd"], None)
+    assert reader.levels[0] is not None and 1 not in reader.levels
+    assert "not a whole number" in reader.reasons[1]
+
+
+def test_windows_off_the_pixel_grid_or_outside_go_to_openslide(slides):
+    osr = sl.open_slide(slides["aperio"])
+    reader = tiles.reader_for(osr, slides["aperio"], lambda *a: openslide_rgb(osr, *a))
+    assert reader.read(1, 402, 800, 100, 50) is None      # 402 / 4: not a whole level pixel
+    assert reader.read(0, 3000, 0, 100, 10) is None       # past the right edge: OpenSlide pads it white
+    win = sl.read_window(osr, 0, 3000, 0, 100, 10)
+    assert (win[:, 72:] == 255).all()
+    assert np.array_equal(sl.read_window(osr, 1, 402, 800, 100, 50), openslide_rgb(osr, 1, 402, 800, 100, 50))
+
+
+def test_a_level_that_decodes_differently_is_left_to_openslide(slides, monkeypatch):
+    """The per-level check: a decoder that disagrees with OpenSlide (here: shifted colours) is not used."""
+    real = tiles.decode_tile
+    monkeypatch.setattr(tiles, "decode_tile", lambda data, tables: np.clip(real(data, tables).astype(int) + 9, 0, 255).astype(np.uint8))
+    osr = sl.open_slide(slides["generic"])
+    got = sl.read_window(osr, 0, 0, 0, 512, 512)
+    reader = tiles.reader_for(osr, slides["generic"], None)
+    assert reader.levels[0] is None and "differ from OpenSlide" in reader.reasons[0]
+    assert np.array_equal(got, openslide_rgb(osr, 0, 0, 0, 512, 512))
+
+
+def test_corrupt_tile_is_an_error_with_the_window_never_filler(slides, tmp_path):
+    path = tmp_path / "corrupt.svs"
+    shutil.copy(slides["aperio"], path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        k = 2 * -(-page.imagewidth // sw.TILE) + 1                   # tile (col 1, row 2) of level 0
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as f:
+        f.seek(offset + count // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
+    osr = sl.open_slide(path)
+    with tifffile.TiffFile(path) as tif:                          # strict decoding refuses the tile
+        page = tif.pages[0]
+        data = open(path, "rb").read()[offset:offset + count]
+        with pytest.raises(ValueError):
+            tiles.decode_tile(data, page.jpegtables)
+    assert sl.read_window(osr, 0, 0, 0, 1024, 256).std() > 5      # rows of intact tiles: direct, fine
+    with pytest.raises(sl.SlideReadError) as err:
+        sl.read_window(osr, 0, 200, 600, 300, 100)                # covers tile (1, 2)
+    assert "x=200 y=600 w=300 h=100" in str(err.value) and "JPEG" in err.value.reason
+
+
+def test_switch_off_reads_through_openslide(slides, monkeypatch):
+    monkeypatch.setenv("E2EPATH_DIRECT_TILES", "0")
+    osr = sl.open_slide(slides["aperio"])
+    assert tiles.reader_for(osr, slides["aperio"], None) is None
+    assert np.array_equal(sl.read_window(osr, 0, 5, 7, 300, 200), openslide_rgb(osr, 0, 5, 7, 300, 200))

@@ -1,0 +1,201 @@
+"""Direct JPEG-tile reads for tiled TIFF slides (Aperio SVS, generic tiled TIFF).
+
+Packing spends 80-90 % of its time inside OpenSlide's `read_region` (bench/preprocess.py);
+decoding the same JPEG tiles with libjpeg-turbo (simplejpeg) is several times faster. A level is
+read this way only where that provably gives OpenSlide's pixels:
+
+- it is a tiled TIFF page of 8-bit, 3-sample, chunky JPEG tiles, as large as OpenSlide's level;
+- its level-0 downsample is a whole number, and a window starts on a whole level pixel and lies
+  inside the level (elsewhere OpenSlide interpolates or pads, and is asked instead);
+- one tile decoded both ways is the same image (this catches a colour space that libjpeg would
+  guess differently from OpenSlide, e.g. RGB-photometric JPEG tiles).
+
+Decoding is strict: a libjpeg warning ("Corrupt JPEG data", "Premature end of JPEG file") is an
+error, and any failure hands the window back to OpenSlide, so OpenSlide's verdict — its error
+naming the window, or its pixels — is what counts. Never a filler tile.
+`E2EPATH_DIRECT_TILES=0` turns the fast path off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import simplejpeg
+
+logger = logging.getLogger(__name__)
+
+JPEG = 7  # TIFF Compression tag value of (new-style) JPEG
+SOI = b"\xff\xd8"
+
+
+def enabled() -> bool:
+    return os.environ.get("E2EPATH_DIRECT_TILES", "1") != "0"
+
+
+def decode_tile(data: bytes, tables: bytes | None) -> np.ndarray:
+    """One TIFF JPEG tile → RGB uint8; shared JPEGTables are spliced in; warnings raise."""
+    if tables and len(tables) > 4:
+        data = tables[:-2] + data[2:]  # tables: SOI … EOI; tile: SOI … EOI
+    if not data.startswith(SOI):
+        raise ValueError("tile is not a JPEG stream")
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+
+
+@dataclass
+class JpegTileLevel:
+    """The JPEG tiles of one pyramid level, read with `os.pread` (safe across threads)."""
+
+    fd: int
+    offsets: np.ndarray
+    counts: np.ndarray
+    tables: bytes | None
+    tile_w: int
+    tile_h: int
+    width: int
+    height: int
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    def tile(self, tx: int, ty: int) -> np.ndarray:
+        i = ty * self.cols + tx
+        n = int(self.counts[i])
+        if n == 0:
+            raise ValueError(f"tile ({tx}, {ty}) is empty")
+        data = os.pread(self.fd, n, int(self.offsets[i]))
+        if len(data) != n:
+            raise ValueError(f"tile ({tx}, {ty}) is cut short by the end of the file")
+        rgb = decode_tile(data, self.tables)
+        if rgb.shape[0] < self.tile_h or rgb.shape[1] < self.tile_w:
+            raise ValueError(f"tile ({tx}, {ty}) decodes to {rgb.shape[1]}x{rgb.shape[0]}, not the tile size")
+        return rgb
+
+    def read(self, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """Level px [lx, lx + w) × [ly, ly + h) as RGB; the window lies inside the level."""
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(ly // self.tile_h, (ly + h - 1) // self.tile_h + 1):
+            for tx in range(lx // self.tile_w, (lx + w - 1) // self.tile_w + 1):
+                t = self.tile(tx, ty)
+                x0, y0 = tx * self.tile_w, ty * self.tile_h
+                ax, ay = max(lx, x0), max(ly, y0)
+                bx, by = min(lx + w, x0 + self.tile_w), min(ly + h, y0 + self.tile_h)
+                out[ay - ly:by - ly, ax - lx:bx - lx] = t[ay - y0:by - y0, ax - x0:bx - x0]
+        return out
+
+
+class DirectTiles:
+    """The levels of one slide that may be read directly (see the module docstring). A level is
+    checked against OpenSlide the first time it is read, so reading one level never touches another."""
+
+    def __init__(self, path: str | Path, level_dimensions, level_downsamples,
+                 reference: Callable[[int, int, int, int, int], np.ndarray]) -> None:
+        import tifffile
+
+        self.name = Path(path).name
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+        self.downsamples = [float(d) for d in level_downsamples]
+        self.reference = reference
+        self.candidates: dict[int, JpegTileLevel] = {}
+        self.levels: dict[int, JpegTileLevel | None] = {}  # checked: the reader, or None
+        self.reasons: dict[int, str] = {}
+        self.lock = threading.Lock()
+        with tifffile.TiffFile(path) as tf:
+            pages = [p for p in tf.pages if p.is_tiled]
+            for level, dims in enumerate(level_dimensions):
+                page = next((p for p in pages if (p.imagewidth, p.imagelength) == tuple(dims)), None)
+                why = self._unusable(page, self.downsamples[level])
+                if why is None:
+                    self.candidates[level] = JpegTileLevel(
+                        self.fd, np.asarray(page.dataoffsets, np.int64), np.asarray(page.databytecounts, np.int64),
+                        page.jpegtables, page.tilewidth, page.tilelength, page.imagewidth, page.imagelength)
+                else:
+                    self.reasons[level] = why
+
+    @staticmethod
+    def _unusable(page, downsample: float) -> str | None:
+        if page is None:
+            return "no tiled TIFF page of the level's size"
+        if page.compression != JPEG or page.samplesperpixel != 3 or page.bitspersample != 8 \
+                or page.planarconfig != 1 or getattr(page, "imagedepth", 1) != 1:
+            return f"tiles are not 8-bit RGB JPEG (compression {int(page.compression)})"
+        if abs(downsample - round(downsample)) > 1e-9:
+            return f"downsample {downsample:g} is not a whole number"
+        return None
+
+    def _verify(self, tiles: JpegTileLevel, level: int) -> str | None:
+        """Decode the level's middle tile both ways: the fast path must give OpenSlide's image."""
+        tx, ty = tiles.cols // 2, (tiles.height // tiles.tile_h) // 2
+        w = min(tiles.tile_w, tiles.width - tx * tiles.tile_w)
+        h = min(tiles.tile_h, tiles.height - ty * tiles.tile_h)
+        try:
+            mine = tiles.read(tx * tiles.tile_w, ty * tiles.tile_h, w, h)
+        except ValueError as err:
+            return f"the test tile does not decode: {err}"
+        ds = round(self.downsamples[level])
+        try:
+            theirs = self.reference(level, tx * tiles.tile_w * ds, ty * tiles.tile_h * ds, w, h)
+        except Exception as err:  # noqa: BLE001 - OpenSlide's own failure: it answers every read
+            return f"OpenSlide cannot read the test tile: {err}"
+        diff = float(np.abs(mine.astype(np.int16) - theirs.astype(np.int16)).mean())
+        return None if diff < 0.5 else f"decoded pixels differ from OpenSlide's (mean |diff| {diff:.1f})"
+
+    def level(self, level: int) -> JpegTileLevel | None:
+        """The level's direct reader once it has passed its check; None: OpenSlide reads it."""
+        if level in self.levels:
+            return self.levels[level]
+        with self.lock:
+            if level not in self.levels:
+                tiles = self.candidates.get(level)
+                why = self.reasons.get(level) if tiles is None else self._verify(tiles, level)
+                self.levels[level] = tiles if why is None else None
+                if why is not None:
+                    self.reasons[level] = why
+                how = "direct JPEG tile decoding (checked against OpenSlide)" if why is None else f"OpenSlide: {why}"
+                logger.info("%s level %d: read with %s", self.name, level, how)
+        return self.levels[level]
+
+    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray | None:
+        """RGB window at ``level`` from level-0 ``(x0, y0)``, or None where OpenSlide must answer."""
+        if w <= 0 or h <= 0 or level not in self.candidates:
+            return None
+        ds = round(self.downsamples[level])
+        tiles = self.candidates[level]
+        lx, ly = x0 // ds, y0 // ds
+        if x0 % ds or y0 % ds or lx < 0 or ly < 0 or lx + w > tiles.width or ly + h > tiles.height:
+            return None
+        if self.level(level) is None:
+            return None
+        try:
+            return tiles.read(lx, ly, w, h)
+        except ValueError as err:
+            logger.warning("%s level %d window x=%d y=%d w=%d h=%d: direct JPEG decoding failed (%s); "
+                           "asking OpenSlide", self.name, level, x0, y0, w, h, err)
+            return None
+
+
+_READERS: "weakref.WeakKeyDictionary[object, DirectTiles | None]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def reader_for(osr, path: str | Path | None, reference) -> DirectTiles | None:
+    """The slide's direct reader (built once per OpenSlide handle), or None where there is none."""
+    if not enabled() or path is None:
+        return None
+    with _LOCK:
+        if osr not in _READERS:
+            reader = None
+            if osr.properties.get("openslide.vendor") in ("aperio", "generic-tiff"):
+                try:
+                    reader = DirectTiles(path, osr.level_dimensions, osr.level_downsamples, reference)
+                except Exception as err:  # noqa: BLE001 - any surprise in the file: OpenSlide reads it
+                    logger.info("%s: direct JPEG tile reading off (%s)", path, err)
+            _READERS[osr] = reader
+        return _READERS[osr]
