@@ -109,3 +109,25 @@ def test_switch_off_reads_through_openslide(slides, monkeypatch):
     osr = sl.open_slide(slides["aperio"])
     assert tiles.reader_for(osr, slides["aperio"], None) is None
     assert np.array_equal(sl.read_window(osr, 0, 5, 7, 300, 200), openslide_rgb(osr, 0, 5, 7, 300, 200))
+
+
+def split_tables(jpeg: bytes) -> tuple[bytes, bytes]:
+    """A full JPEG → (JPEGTables: SOI + DQT/DHT + EOI, abbreviated stream without them), as in Aperio files."""
+    tables, rest, i = [b"\xff\xd8"], [b"\xff\xd8"], 2
+    while jpeg[i:i + 2] != b"\xff\xda":                       # segments up to start-of-scan
+        n = int.from_bytes(jpeg[i + 2:i + 4], "big")
+        (tables if jpeg[i + 1] in (0xDB, 0xC4) else rest).append(jpeg[i:i + 2 + n])
+        i += 2 + n
+    return b"".join(tables) + b"\xff\xd9", b"".join(rest) + jpeg[i:]
+
+
+def test_shared_jpeg_tables_are_spliced_in():
+    rgb = texture(256, 256, 3)
+    full = tiles.simplejpeg.encode_jpeg(rgb, quality=90, colorspace="RGB")
+    tables, abbreviated = split_tables(full)
+    assert len(abbreviated) < len(full) and b"\xff\xdb" not in abbreviated[:200]
+    assert np.array_equal(tiles.decode_tile(abbreviated, tables), tiles.simplejpeg.decode_jpeg(full))
+    with pytest.raises(ValueError):
+        tiles.decode_tile(abbreviated, None)                     # no tables: refused, not guessed
+    with pytest.raises(ValueError, match="not a JPEG"):
+        tiles.decode_tile(abbreviated[2:], tables)
