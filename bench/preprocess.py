@@ -19,6 +19,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import lmdb
@@ -115,17 +116,7 @@ def run_per_patch(entry: dict, mag: int, out: Path, level0: bool) -> int:
 
 def openslide_only(fn):
     """``fn`` with the direct JPEG-tile path switched off: every read through OpenSlide."""
-    def run():
-        before = os.environ.get("E2EPATH_DIRECT_TILES")
-        os.environ["E2EPATH_DIRECT_TILES"] = "0"
-        try:
-            return fn()
-        finally:
-            if before is None:
-                del os.environ["E2EPATH_DIRECT_TILES"]
-            else:
-                os.environ["E2EPATH_DIRECT_TILES"] = before
-    return run
+    return mock.patch.dict(os.environ, {"E2EPATH_DIRECT_TILES": "0"})(fn)
 
 
 def timed(fn, repeats: int) -> tuple[int, float]:

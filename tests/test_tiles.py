@@ -5,7 +5,9 @@ the fast path where it may) and compared with OpenSlide's own `read_region`.
 """
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ def openslide_rgb(osr, level, x0, y0, w, h) -> np.ndarray:
 def test_direct_reads_equal_openslide_and_are_used(slides, name, level, x0, y0, w, h):
     osr = sl.open_slide(slides[name])
     got = sl.read_window(osr, level, x0, y0, w, h)
-    reader = tiles.reader_for(osr, slides[name], None)
+    reader = tiles.reader_for(osr, slides[name])
     assert reader is not None and reader.levels.get(level) is not None  # the fast path did this read
     assert np.array_equal(got, openslide_rgb(osr, level, x0, y0, w, h))
 
@@ -56,16 +58,16 @@ def test_levels_with_a_fractional_downsample_go_to_openslide(slides):
     osr = sl.open_slide(slides["odd"])
     assert np.array_equal(sl.read_window(osr, 0, 1, 2, 700, 300), openslide_rgb(osr, 0, 1, 2, 700, 300))
     assert np.array_equal(sl.read_window(osr, 1, 0, 0, 700, 300), openslide_rgb(osr, 1, 0, 0, 700, 300))
-    reader = tiles.reader_for(osr, slides["odd"], None)
+    reader = tiles.reader_for(osr, slides["odd"])
     assert reader.levels[0] is not None and 1 not in reader.levels
     assert "not a whole number" in reader.reasons[1]
 
 
 def test_windows_off_the_pixel_grid_or_outside_go_to_openslide(slides):
     osr = sl.open_slide(slides["aperio"])
-    reader = tiles.reader_for(osr, slides["aperio"], lambda *a: openslide_rgb(osr, *a))
-    assert reader.read(1, 402, 800, 100, 50) is None      # 402 / 4: not a whole level pixel
-    assert reader.read(0, 3000, 0, 100, 10) is None       # past the right edge: OpenSlide pads it white
+    reader, ref = tiles.reader_for(osr, slides["aperio"]), lambda *a: openslide_rgb(osr, *a)
+    assert reader.read(1, 402, 800, 100, 50, ref) is None      # 402 / 4: not a whole level pixel
+    assert reader.read(0, 3000, 0, 100, 10, ref) is None       # past the right edge: OpenSlide pads it white
     win = sl.read_window(osr, 0, 3000, 0, 100, 10)
     assert (win[:, 72:] == 255).all()
     assert np.array_equal(sl.read_window(osr, 1, 402, 800, 100, 50), openslide_rgb(osr, 1, 402, 800, 100, 50))
@@ -77,7 +79,7 @@ def test_a_level_that_decodes_differently_is_left_to_openslide(slides, monkeypat
     monkeypatch.setattr(tiles, "decode_tile", lambda data, tables: np.clip(real(data, tables).astype(int) + 9, 0, 255).astype(np.uint8))
     osr = sl.open_slide(slides["generic"])
     got = sl.read_window(osr, 0, 0, 0, 512, 512)
-    reader = tiles.reader_for(osr, slides["generic"], None)
+    reader = tiles.reader_for(osr, slides["generic"])
     assert reader.levels[0] is None and "differ from OpenSlide" in reader.reasons[0]
     assert np.array_equal(got, openslide_rgb(osr, 0, 0, 0, 512, 512))
 
@@ -104,10 +106,20 @@ def test_corrupt_tile_is_an_error_with_the_window_never_filler(slides, tmp_path)
     assert "x=200 y=600 w=300 h=100" in str(err.value) and "JPEG" in err.value.reason
 
 
+def test_a_read_slide_is_freed_with_its_reader(slides):
+    """The reader cache must not keep OpenSlide handles (and file descriptors) alive."""
+    osr = sl.open_slide(slides["aperio"])
+    sl.read_window(osr, 0, 0, 0, 256, 256)
+    handle, reader = weakref.ref(osr), weakref.ref(tiles.reader_for(osr, slides["aperio"]))
+    del osr
+    gc.collect()
+    assert handle() is None and reader() is None
+
+
 def test_switch_off_reads_through_openslide(slides, monkeypatch):
     monkeypatch.setenv("E2EPATH_DIRECT_TILES", "0")
     osr = sl.open_slide(slides["aperio"])
-    assert tiles.reader_for(osr, slides["aperio"], None) is None
+    assert tiles.reader_for(osr, slides["aperio"]) is None
     assert np.array_equal(sl.read_window(osr, 0, 5, 7, 300, 200), openslide_rgb(osr, 0, 5, 7, 300, 200))
 
 

@@ -1,5 +1,5 @@
-"""The only module that reads slides (OpenSlide, plus direct JPEG tiles in `tiles`): open, microns per pixel and its source, level choice,
-and windowed reads that fail loudly.
+"""The only module that reads slides (through OpenSlide, and direct JPEG tiles in `tiles`): open,
+microns per pixel and its source, level choice, and windowed reads that fail loudly.
 
 Microns per pixel, in the order of DESIGN.md ("Resolution"):
 
@@ -216,8 +216,8 @@ def read_window(osr: openslide.AbstractSlide, level: int, x0: int, y0: int, w: i
     """
     ds = float(osr.level_downsamples[level])  # after an error the handle answers nothing
     x0, y0, w, h, level = int(x0), int(y0), int(w), int(h), int(level)
-    direct = tiles.reader_for(osr, getattr(osr, "_filename", None), partial(_openslide_rgb, osr))
-    rgb = None if direct is None else direct.read(level, x0, y0, w, h)
+    direct = tiles.reader_for(osr, getattr(osr, "_filename", None))
+    rgb = None if direct is None else direct.read(level, x0, y0, w, h, partial(_openslide_rgb, osr))
     if rgb is not None:
         return rgb
     try:

@@ -30,6 +30,8 @@ import simplejpeg
 
 logger = logging.getLogger(__name__)
 
+Reference = Callable[[int, int, int, int, int], np.ndarray]  # OpenSlide's read: level, x0, y0, w, h
+
 JPEG = 7  # TIFF Compression tag value of (new-style) JPEG
 SOI = b"\xff\xd8"
 
@@ -94,15 +96,13 @@ class DirectTiles:
     """The levels of one slide that may be read directly (see the module docstring). A level is
     checked against OpenSlide the first time it is read, so reading one level never touches another."""
 
-    def __init__(self, path: str | Path, level_dimensions, level_downsamples,
-                 reference: Callable[[int, int, int, int, int], np.ndarray]) -> None:
+    def __init__(self, path: str | Path, level_dimensions, level_downsamples) -> None:
         import tifffile
 
         self.name = Path(path).name
         self.fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self.fd)
         self.downsamples = [float(d) for d in level_downsamples]
-        self.reference = reference
         self.candidates: dict[int, JpegTileLevel] = {}
         self.levels: dict[int, JpegTileLevel | None] = {}  # checked: the reader, or None
         self.reasons: dict[int, str] = {}
@@ -130,7 +130,7 @@ class DirectTiles:
             return f"downsample {downsample:g} is not a whole number"
         return None
 
-    def _verify(self, tiles: JpegTileLevel, level: int) -> str | None:
+    def _verify(self, tiles: JpegTileLevel, level: int, reference: Reference) -> str | None:
         """Decode the level's middle tile both ways: the fast path must give OpenSlide's image."""
         tx, ty = tiles.cols // 2, (tiles.height // tiles.tile_h) // 2
         w = min(tiles.tile_w, tiles.width - tx * tiles.tile_w)
@@ -141,20 +141,20 @@ class DirectTiles:
             return f"the test tile does not decode: {err}"
         ds = round(self.downsamples[level])
         try:
-            theirs = self.reference(level, tx * tiles.tile_w * ds, ty * tiles.tile_h * ds, w, h)
+            theirs = reference(level, tx * tiles.tile_w * ds, ty * tiles.tile_h * ds, w, h)
         except Exception as err:  # noqa: BLE001 - OpenSlide's own failure: it answers every read
             return f"OpenSlide cannot read the test tile: {err}"
         diff = float(np.abs(mine.astype(np.int16) - theirs.astype(np.int16)).mean())
         return None if diff < 0.5 else f"decoded pixels differ from OpenSlide's (mean |diff| {diff:.1f})"
 
-    def level(self, level: int) -> JpegTileLevel | None:
+    def level(self, level: int, reference: Reference) -> JpegTileLevel | None:
         """The level's direct reader once it has passed its check; None: OpenSlide reads it."""
         if level in self.levels:
             return self.levels[level]
         with self.lock:
             if level not in self.levels:
                 tiles = self.candidates.get(level)
-                why = self.reasons.get(level) if tiles is None else self._verify(tiles, level)
+                why = self.reasons.get(level) if tiles is None else self._verify(tiles, level, reference)
                 self.levels[level] = tiles if why is None else None
                 if why is not None:
                     self.reasons[level] = why
@@ -162,8 +162,9 @@ class DirectTiles:
                 logger.info("%s level %d: read with %s", self.name, level, how)
         return self.levels[level]
 
-    def read(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray | None:
-        """RGB window at ``level`` from level-0 ``(x0, y0)``, or None where OpenSlide must answer."""
+    def read(self, level: int, x0: int, y0: int, w: int, h: int, reference: Reference) -> np.ndarray | None:
+        """RGB window at ``level`` from level-0 ``(x0, y0)``, or None where OpenSlide must answer.
+        ``reference(level, x0, y0, w, h)`` is OpenSlide's read, for the level's first-use check."""
         if w <= 0 or h <= 0 or level not in self.candidates:
             return None
         ds = round(self.downsamples[level])
@@ -171,7 +172,7 @@ class DirectTiles:
         lx, ly = x0 // ds, y0 // ds
         if x0 % ds or y0 % ds or lx < 0 or ly < 0 or lx + w > tiles.width or ly + h > tiles.height:
             return None
-        if self.level(level) is None:
+        if self.level(level, reference) is None:
             return None
         try:
             return tiles.read(lx, ly, w, h)
@@ -183,18 +184,23 @@ class DirectTiles:
 
 _READERS: "weakref.WeakKeyDictionary[object, DirectTiles | None]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+_UNSET = object()
 
 
-def reader_for(osr, path: str | Path | None, reference) -> DirectTiles | None:
-    """The slide's direct reader (built once per OpenSlide handle), or None where there is none."""
+def reader_for(osr, path: str | Path | None) -> DirectTiles | None:
+    """The slide's direct reader (built once per OpenSlide handle), or None where there is none.
+    It holds no reference to ``osr``, so the handle is freed as usual and its entry with it."""
     if not enabled() or path is None:
         return None
+    reader = _READERS.get(osr, _UNSET)
+    if reader is not _UNSET:
+        return reader
     with _LOCK:
         if osr not in _READERS:
             reader = None
             if osr.properties.get("openslide.vendor") in ("aperio", "generic-tiff"):
                 try:
-                    reader = DirectTiles(path, osr.level_dimensions, osr.level_downsamples, reference)
+                    reader = DirectTiles(path, osr.level_dimensions, osr.level_downsamples)
                 except Exception as err:  # noqa: BLE001 - any surprise in the file: OpenSlide reads it
                     logger.info("%s: direct JPEG tile reading off (%s)", path, err)
             _READERS[osr] = reader

@@ -12,9 +12,6 @@ from pathlib import Path
 
 sm = snakemake  # noqa: F821 - injected by Snakemake
 os.environ.setdefault("OMP_NUM_THREADS", str(sm.threads))
-# Large CPU tensors (bags, activations) on transparent huge pages: 512x fewer page faults per
-# fresh allocation. torch reads this once, at its first allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 sys.path.insert(0, str(Path(sm.scriptdir).parent))  # workflow/: the e2epath package
 
 
