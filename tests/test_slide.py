@@ -144,7 +144,9 @@ def test_read_window_is_rgb_and_matches_source(slides):
 
 
 @pytest.mark.parametrize("level, x0, y0, w, h", [(0, 257, 3, 700, 333), (1, 1024, 512, 300, 200), (2, 16, 16, 170, 110)])
-def test_read_window_equals_openslide_public_read(slides, level, x0, y0, w, h):
+def test_read_window_equals_openslide_public_read(slides, level, x0, y0, w, h, monkeypatch):
+    """The ctypes OpenSlide path equals openslide-python's public read (direct tiles: test_tiles.py)."""
+    monkeypatch.setenv("E2EPATH_DIRECT_TILES", "0")
     osr = sl.open_slide(slides["aperio40"])
     ref = np.asarray(osr.read_region((x0, y0), level, (w, h)))
     assert (ref[..., 3] == 255).all()

@@ -32,6 +32,7 @@ def slides(tmp_path_factory) -> dict[str, Path]:
         "aperio": sw.write_aperio_svs(d / "a.svs", img, mpp=0.25, app_mag=40, downsamples=(1, 4, 16)),
         "generic": sw.write_generic_tiff(d / "g.tif", img[:, :3000], mpp=0.5, downsamples=(1, 2, 4, 8)),
         "odd": sw.write_generic_tiff(d / "odd.tif", img[:2001, :2999], mpp=0.5, downsamples=(1, 2, 4, 8)),
+        "odd_aperio": sw.write_aperio_svs(d / "odd.svs", img[:2001, :2999], mpp=0.25, app_mag=40, downsamples=(1, 4, 16)),
     }
 
 
@@ -53,14 +54,33 @@ def test_direct_reads_equal_openslide_and_are_used(slides, name, level, x0, y0, 
     assert np.array_equal(got, openslide_rgb(osr, level, x0, y0, w, h))
 
 
-def test_levels_with_a_fractional_downsample_go_to_openslide(slides):
-    """Odd sizes: OpenSlide's level 1 downsample is 1.9997, and it interpolates; so do we, through it."""
-    osr = sl.open_slide(slides["odd"])
-    assert np.array_equal(sl.read_window(osr, 0, 1, 2, 700, 300), openslide_rgb(osr, 0, 1, 2, 700, 300))
-    assert np.array_equal(sl.read_window(osr, 1, 0, 0, 700, 300), openslide_rgb(osr, 1, 0, 0, 700, 300))
-    reader = tiles.reader_for(osr, slides["odd"])
-    assert reader.levels[0] is not None and 1 not in reader.levels
-    assert "not a whole number" in reader.reasons[1]
+def stored_level(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The level's pixels as stored in the file, decoded by tifffile (imagecodecs), not OpenSlide."""
+    with tifffile.TiffFile(path) as tf:
+        return next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == size).asarray()
+
+
+@pytest.mark.parametrize("name", ["odd", "odd_aperio"])
+def test_levels_with_a_fractional_downsample_read_their_stored_pixels(slides, name):
+    """Odd sizes: level 1's downsample is not whole (2999 / 1499). Windows on the level grid (the
+    level-0 pixel nearest a whole level pixel, where patching puts them) give the stored pixels;
+    OpenSlide resamples them by a sub-pixel shift and lands within a grey level or two."""
+    osr = sl.open_slide(slides[name])
+    ds = osr.level_downsamples[1]
+    assert abs(ds - round(ds)) > 1e-4
+    stored = stored_level(slides[name], osr.level_dimensions[1])
+    for lx, ly, w, h in [(0, 0, 700, 300), (300, 117, 400, 250), (211, 77, 128, 64)]:
+        x0, y0 = round(lx * ds), round(ly * ds)
+        got = sl.read_window(osr, 1, x0, y0, w, h)
+        assert np.array_equal(got, stored[ly:ly + h, lx:lx + w])
+        theirs = sl._openslide_rgb(osr, 1, x0, y0, w, h)
+        assert np.abs(got.astype(int) - theirs).mean() < 3
+    reader = tiles.reader_for(osr, slides[name])
+    assert reader.levels[1] is not None
+    # one level-0 pixel further is not on the level grid: OpenSlide interpolates it
+    x0 = round(211 * ds) + 1
+    assert reader.read(1, x0, 0, 64, 64, lambda *a: sl._openslide_rgb(osr, *a)) is None
+    assert np.array_equal(sl.read_window(osr, 1, x0, 0, 64, 64), sl._openslide_rgb(osr, 1, x0, 0, 64, 64))
 
 
 def test_windows_off_the_pixel_grid_or_outside_go_to_openslide(slides):
