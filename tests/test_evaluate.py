@@ -99,6 +99,58 @@ def test_c_index_equals_lifelines_with_ties_and_censoring(seed):
     assert np.isclose(m.c_index(df["time"], df["event"], df["risk"]), ref, **TIGHT)
 
 
+def _pair_counts(time, event, risk) -> tuple[float, float]:
+    """(comparable, concordant) pairs, one pair at a time: i has an event and t_i < t_j, or t_i = t_j
+    with j censored; concordant when risk_i > risk_j, 1/2 on tied risks."""
+    comparable = concordant = 0.0
+    for i in np.flatnonzero(event):
+        for j in range(len(time)):
+            if time[j] > time[i] or (time[j] == time[i] and not event[j]):
+                comparable += 1
+                concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return comparable, concordant
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stratified_c_index_compares_pairs_within_folds_only(seed):
+    rng = np.random.default_rng(seed)
+    df = _surv_df(rng, 90).assign(fold=rng.integers(0, 3, 90))
+    counts = []
+    for _, part in df.groupby("fold"):
+        t, e, r = part["time"].to_numpy(), part["event"].to_numpy().astype(bool), part["risk"].to_numpy()
+        counts.append(_pair_counts(t, e, r))
+        assert np.isclose(counts[-1][1] / counts[-1][0], concordance_index(t, -r, e), **TIGHT)  # the counter is right
+    expected = sum(c for _, c in counts) / sum(n for n, _ in counts)
+    ours = m.c_index(df["time"], df["event"], df["risk"], strata=df["fold"])
+    assert np.isclose(ours, expected, **TIGHT)
+    assert np.isclose(m.prepare("survival", df, strata="fold").point()["c_index"], expected, **TIGHT)
+    # each fold's model has its own risk offset: the stratified C-index does not see it, a plain one does
+    shifted = df["risk"] + 10.0 * df["fold"]
+    assert np.isclose(m.c_index(df["time"], df["event"], shifted, strata=df["fold"]), expected, **TIGHT)
+    assert not np.isclose(m.c_index(df["time"], df["event"], shifted), m.c_index(df["time"], df["event"], df["risk"]))
+
+
+def test_pooled_c_index_is_taken_within_test_folds(tmp_path):
+    """Two folds, each ranked perfectly by its own model, on offset risk scales: pooled C = 1."""
+    rng = np.random.default_rng(0)
+    files = []
+    for fold, offset in ((0, 0.0), (1, 500.0)):  # fold 1: later times, yet higher risks
+        time = rng.permutation(np.arange(1.0, 21.0)) + 100 * fold
+        df = pd.DataFrame({"case_id": [f"f{fold}c{i:02d}" for i in range(20)], "time": time,
+                           "event": 1, "risk": offset - time})
+        for method in ("good", "flat"):
+            path = tmp_path / "results" / "e2e" / "os" / method / f"fold{fold}" / "predictions.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            df.assign(risk=df["risk"] if method == "good" else 0.0).to_csv(path, sep="\t", index=False)
+            files.append(bs.parse_pred_path(path))
+    pooled_plain = pd.concat([pd.read_csv(f.path, sep="\t") for f in files if f.method == "good"])
+    assert m.c_index(pooled_plain["time"], pooled_plain["event"], pooled_plain["risk"]) < 0.5  # cross-fold pairs are all discordant
+    metrics, paired = bs.evaluate(files, "os", "survival", n_boot=50, seed=0, reference="flat")
+    pooled = metrics[(metrics["fold"] == "pooled")].set_index("method")["point"]
+    assert pooled["good"] == 1.0 and pooled["flat"] == 0.5
+    assert np.isclose(paired.set_index("method").loc["good", "diff_point"], 0.5)
+
+
 def test_main_metric_and_bad_input():
     assert (m.main_metric("classification"), m.main_metric("grading"), m.main_metric("survival")) == \
         ("auc", "qwk", "c_index")

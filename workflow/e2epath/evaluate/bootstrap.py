@@ -1,5 +1,9 @@
 """Bootstrapped metrics: per fold, pooled over folds, and paired differences between methods.
 
+Pooled: the test cases of all folds in one table. Class probabilities share a scale across the
+folds' models, so AUC and the rest pool cases; survival risk scores do not (each fold's model has
+its own offset), so the pooled C-index compares only pairs of cases from the same test fold.
+
 A resample is a multiplicity vector (how often each test case was drawn); the metrics of
 `metrics.py` take a matrix of them, so all resamples are computed at once. Cases are sorted by
 case_id and resamples depend only on (seed, n), so two methods evaluated on the same cases see
@@ -189,7 +193,8 @@ def _load(files: list[PredFile], task: str) -> dict[tuple[str, str], dict[int, p
 
 
 def _pooled(folds: dict[int, pd.DataFrame], name: str) -> pd.DataFrame:
-    pooled = pd.concat([folds[k] for k in sorted(folds)], ignore_index=True)
+    """The folds' test cases in one table, each with its ``fold`` (the C-index stratum)."""
+    pooled = pd.concat([folds[k].assign(fold=k) for k in sorted(folds)], ignore_index=True)
     dup = pooled["case_id"][pooled["case_id"].duplicated()]
     if len(dup):
         raise ValueError(f"{name}: case {dup.iloc[0]} is a test case in more than one fold; "
@@ -223,7 +228,7 @@ def evaluate(files: list[PredFile], task: str, task_type: str, n_boot: int = 100
         name = names[key]
         parts = [(k, folds[k]) for k in sorted(folds)] + [("pooled", _pooled(folds, name))]
         for fold, df in parts:
-            cases = prepare(task_type, df)
+            cases = prepare(task_type, df, strata="fold" if fold == "pooled" else None)
             intervals = bootstrap(cases, n_boot, seed, alpha, f"{name} fold {fold}")
             for metric, iv in intervals.items():
                 rows.append([name, key[0], fold, metric, iv.point, iv.mean, iv.ci_low, iv.ci_high, cases.n])
@@ -241,7 +246,7 @@ def evaluate(files: list[PredFile], task: str, task_type: str, n_boot: int = 100
         if len(common) < max(len(pooled_cases[key]), len(pooled_cases[ref])):
             logger.warning("%s vs %s: compared on the %d cases both have predictions for",
                            names[key], names[ref], len(common))
-        a, b = (prepare(task_type, pooled_cases[k][pooled_cases[k]["case_id"].astype(str).isin(common)])
+        a, b = (prepare(task_type, pooled_cases[k][pooled_cases[k]["case_id"].astype(str).isin(common)], "fold")
                 for k in (key, ref))
         what = f"{names[key]} − {names[ref]} pooled"
         for metric, pv in paired_bootstrap(a, b, n_boot, seed, alpha, what).items():

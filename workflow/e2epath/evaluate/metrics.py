@@ -123,12 +123,15 @@ def weighted_qwk(y: np.ndarray, pred: np.ndarray, k: int, W: np.ndarray) -> np.n
     return 1.0 - _safe_div((wt * conf).sum(axis=(1, 2)), (wt * expected).sum(axis=(1, 2)))
 
 
-def weighted_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, W: np.ndarray) -> np.ndarray:
+def weighted_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, W: np.ndarray,
+                     strata: np.ndarray | None = None) -> np.ndarray:
     """Harrell's C with lifelines' tie rules, weighted by multiplicity products w_i·w_j.
 
     A pair (i, j) is comparable when i has an event and t_i < t_j, or t_i = t_j and j is censored;
-    it is concordant when risk_i > risk_j and counts 1/2 when the risks tie. The event rows are
-    processed in blocks so that n = 10⁴ never holds 10⁸ pairs at once.
+    it is concordant when risk_i > risk_j and counts 1/2 when the risks tie. With ``strata`` only
+    pairs within a stratum count (R survival's ``concordance(... + strata())``): pooled test folds
+    are ranked by different models whose risk scores share no scale. The event rows are processed
+    in blocks so that n = 10⁴ never holds 10⁸ pairs at once.
     """
     ev = np.flatnonzero(event)
     num = np.zeros(W.shape[0])
@@ -138,6 +141,8 @@ def weighted_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, W: n
         i = ev[start:start + block]
         ti, ri = time[i][:, None], risk[i][:, None]
         comparable = (time[None, :] > ti) | ((time[None, :] == ti) & (event[None, :] == 0))
+        if strata is not None:
+            comparable &= strata[None, :] == strata[i][:, None]
         score = (ri > risk[None, :]) + 0.5 * (ri == risk[None, :])
         pairs = np.concatenate([comparable, comparable * score], axis=0).astype(float)
         Wj = W @ pairs.T  # (B, 2·block): comparable / concordant weight partner-summed per i
@@ -216,11 +221,13 @@ def qwk(y, pred, labels=None) -> float:
     return _point(weighted_qwk(yc, pc, k, _ones(yc.size)), "qwk")
 
 
-def c_index(time, event, risk) -> float:
-    """Harrell's C; higher risk = earlier event; equals lifelines concordance_index(time, -risk, event)."""
+def c_index(time, event, risk, strata=None) -> float:
+    """Harrell's C; higher risk = earlier event; equals lifelines concordance_index(time, -risk, event).
+    With ``strata`` (e.g. the test fold of each case) only pairs within a stratum are compared."""
     time, risk = np.asarray(time, dtype=float), np.asarray(risk, dtype=float)
     event = np.asarray(event).astype(bool)
-    return _point(weighted_c_index(time, event, risk, _ones(time.size)), "c_index")
+    codes = None if strata is None else pd.factorize(np.asarray(strata))[0]
+    return _point(weighted_c_index(time, event, risk, _ones(time.size), codes), "c_index")
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ class Cases:
     time: np.ndarray | None = None
     event: np.ndarray | None = None  # bool
     risk: np.ndarray | None = None
+    strata: np.ndarray | None = None  # survival: C-index pairs only within a stratum (test fold)
 
     @property
     def n(self) -> int:
@@ -293,7 +301,7 @@ class Cases:
     def weighted(self, W: np.ndarray) -> dict[str, np.ndarray]:
         """All metrics of the task for each row of multiplicities W (B, n)."""
         if self.task_type == "survival":
-            return {"c_index": weighted_c_index(self.time, self.event, self.risk, W)}
+            return {"c_index": weighted_c_index(self.time, self.event, self.risk, W, self.strata)}
         k = len(self.classes)
         pred = self.prob.argmax(axis=1)  # ties → first class in `classes` order
         out = {
@@ -310,8 +318,9 @@ class Cases:
         return {name: _point(v, name) for name, v in self.weighted(_ones(self.n)).items()}
 
 
-def prepare(task_type: str, df: pd.DataFrame) -> Cases:
-    """Validate a predictions table and encode it; errors name the case and the column."""
+def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Cases:
+    """Validate a predictions table and encode it; errors name the case and the column.
+    ``strata``: a column (the test fold of pooled folds) within which survival cases are compared."""
     _check_task_type(task_type)
     if "case_id" not in df.columns:
         raise ValueError("predictions have no case_id column (see CONTRACTS.md predictions.tsv)")
@@ -329,7 +338,9 @@ def prepare(task_type: str, df: pd.DataFrame) -> Cases:
         bad = ~np.isin(values[:, 1], (0.0, 1.0))
         if bad.any():
             raise ValueError(f"case {case_id[np.argmax(bad)]}: event must be 0 or 1")
-        return Cases(task_type, case_id, time=values[:, 0], event=values[:, 1].astype(bool), risk=values[:, 2])
+        codes = None if strata is None else pd.factorize(df[strata])[0]
+        return Cases(task_type, case_id, time=values[:, 0], event=values[:, 1].astype(bool), risk=values[:, 2],
+                     strata=codes)
     prob_cols = {c[len("prob_"):]: c for c in df.columns if c.startswith("prob_")}
     if "label" not in df.columns or len(prob_cols) < 2:
         raise ValueError(f"{task_type} predictions need a label column and prob_<class> columns for "
