@@ -53,6 +53,21 @@ def _sk_classification(df, classes):
             "macro_f1": f1_score(y, pred, average="macro")}, y, pred
 
 
+def _fold_weighted_auc(parts, classes):
+    """Pooled-folds AUC with scikit-learn: per class (one-vs-rest; binary: the second class), the
+    folds' AUCs weighted by their positive × negative pair counts; macro mean over classes."""
+    per_class = []
+    for c in (classes[1:] if len(classes) == 2 else classes):
+        aucs, pairs = [], []
+        for df in parts:
+            positive = df["label"].astype(str).to_numpy() == str(c)
+            if 0 < positive.sum() < len(positive):
+                aucs.append(roc_auc_score(positive, df[f"prob_{c}"]))
+                pairs.append(positive.sum() * (~positive).sum())
+        per_class.append(np.average(aucs, weights=pairs))
+    return float(np.mean(per_class))
+
+
 # --------------------------------------------------------------------------- point estimates
 
 @pytest.mark.parametrize("seed", range(3))
@@ -97,6 +112,22 @@ def test_c_index_equals_lifelines_with_ties_and_censoring(seed):
     ref = concordance_index(df["time"], -df["risk"], df["event"])
     assert np.isclose(ours, ref, **TIGHT)
     assert np.isclose(m.c_index(df["time"], df["event"], df["risk"]), ref, **TIGHT)
+
+
+@pytest.mark.parametrize("classes", [["neg", "pos"], ["LUAD", "LUSC", "normal"]])
+def test_stratified_auc_compares_pairs_within_folds_only(classes):
+    rng = np.random.default_rng(1)
+    df = _cls_df(rng, 120, classes).assign(fold=np.repeat([0, 1, 2], 40))
+    expected = _fold_weighted_auc([df[df["fold"] == f] for f in range(3)], classes)
+    cases = m.prepare("classification", df, strata="fold")
+    assert np.isclose(cases.point()["auc"], expected, **TIGHT)
+    # fold 1's model scores every case lower (x 0.5, exact in floating point): the stratified AUC does
+    # not see it, a plain one does
+    shifted = df.copy()
+    cols = [f"prob_{c}" for c in classes]
+    shifted.loc[df["fold"] == 1, cols] = shifted.loc[df["fold"] == 1, cols] * 0.5
+    assert np.isclose(m.prepare("classification", shifted, strata="fold").point()["auc"], expected, **TIGHT)
+    assert not np.isclose(m.task_metrics("classification", shifted)["auc"], m.task_metrics("classification", df)["auc"])
 
 
 def _pair_counts(time, event, risk) -> tuple[float, float]:
@@ -302,7 +333,9 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     assert set(res["fold"]) == {"0", "1", "pooled"}  # the empty fold 2 is skipped
     assert set(res["family"]) == {"e2e", "twostage"}
     pooled = res[(res["fold"] == "pooled") & (res["method"] == "abmilx_r18")].set_index("metric")
-    ref, _, _ = _sk_classification(full["e2e/abmilx_r18"], classes)
+    df = full["e2e/abmilx_r18"]
+    ref, _, _ = _sk_classification(df, classes)
+    ref["auc"] = _fold_weighted_auc([df.iloc[:25], df.iloc[25:]], classes)  # pairs within a test fold
     for name, value in ref.items():
         assert np.isclose(pooled.loc[name, "point"], value, **TIGHT)
     assert (pooled["n_cases"] == 60).all()

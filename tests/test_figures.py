@@ -296,12 +296,23 @@ def test_roc_auc_matches_sklearn_binary_and_multiclass():
     pb = np.stack([1 - prob[:, 0], prob[:, 0]], 1)
     _, auc_b = roc.macro_roc(yb, pb)
     assert auc_b == pytest.approx(roc_auc_score(yb, prob[:, 0]))
-    # a 3-grade task through the figure: the legend carries the macro one-vs-rest AUC
+    # a 3-grade task through the figure, fold 1's model scoring on half the scale (x 0.5): the legend
+    # carries the macro one-vs-rest AUC over pairs within a fold (each class: the folds' AUCs
+    # weighted by positives x negatives), which the scale does not change
+    prob[45:] *= 0.5
     df = pd.DataFrame({"case_id": [f"c{i}" for i in range(90)], "label": [str(g + 1) for g in y],
                        **{f"prob_{g + 1}": prob[:, g] for g in range(3)}})
     fig = roc.plot_roc({("e2e", "r18_abmilx"): {0: df.iloc[:45], 1: df.iloc[45:]}}, n_boot=20)
     (text,) = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert f"AUC {roc_auc_score(y, prob, multi_class='ovr'):.3f}" in text
+    per_class = []
+    for g in range(3):
+        parts = [(y[s] == g, prob[s, g]) for s in (slice(0, 45), slice(45, 90))]
+        per_class.append(np.average([roc_auc_score(pos, p) for pos, p in parts],
+                                    weights=[pos.sum() * (~pos).sum() for pos, _ in parts]))
+    expected = float(np.mean(per_class))
+    pooled = np.mean([roc_auc_score(y == g, prob[:, g]) for g in range(3)])
+    assert f"{expected:.3f}" != f"{pooled:.3f}"  # pooling the folds would show
+    assert f"AUC {expected:.3f}" in text
 
 
 def test_cohort_figures(tmp_path):

@@ -1,8 +1,10 @@
 """Bootstrapped metrics: per fold, pooled over folds, and paired differences between methods.
 
-Pooled: the test cases of all folds in one table. Class probabilities share a scale across the
-folds' models, so AUC and the rest pool cases; survival risk scores do not (each fold's model has
-its own offset), so the pooled C-index compares only pairs of cases from the same test fold.
+Pooled: the test cases of all folds in one table. Each fold's cases are scored by that fold's
+model, and scores of different models share no scale (a model's risk offset, its calibration), so
+the ranking metrics (AUC, C-index) compare only pairs of cases from the same test fold — the
+pair-weighted mean of the fold values, as R's `concordance(... + strata(fold))`; accuracy-type
+metrics pool the cases' decisions.
 
 A resample is a multiplicity vector (how often each test case was drawn); the metrics of
 `metrics.py` take a matrix of them, so all resamples are computed at once. Cases are sorted by
@@ -193,7 +195,7 @@ def _load(files: list[PredFile], task: str) -> dict[tuple[str, str], dict[int, p
 
 
 def _pooled(folds: dict[int, pd.DataFrame], name: str) -> pd.DataFrame:
-    """The folds' test cases in one table, each with its ``fold`` (the C-index stratum)."""
+    """The folds' test cases in one table, each with its ``fold`` (the AUC / C-index stratum)."""
     pooled = pd.concat([folds[k].assign(fold=k) for k in sorted(folds)], ignore_index=True)
     dup = pooled["case_id"][pooled["case_id"].duplicated()]
     if len(dup):

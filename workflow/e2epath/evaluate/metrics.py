@@ -64,10 +64,11 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     return _safe_div(np.nansum(x, axis=1), n.astype(float))
 
 
-def weighted_auc(positive: np.ndarray, score: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Binary ROC AUC as a weighted Mann–Whitney statistic (score ties count 1/2)."""
+def _auc_counts(positive: np.ndarray, score: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) weighted ordered-pair counts: Σ w_pos·w_neg over (positive, negative) pairs with the
+    positive scored higher (ties 1/2), and Σ w_pos·w_neg over all such pairs."""
     if positive.size == 0:
-        return np.full(W.shape[0], np.nan)
+        return np.zeros(W.shape[0]), np.zeros(W.shape[0])
     order = np.argsort(score, kind="stable")
     s = score[order]
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
@@ -77,18 +78,37 @@ def weighted_auc(positive: np.ndarray, score: np.ndarray, W: np.ndarray) -> np.n
     neg_w = np.add.reduceat(Wo * ~pos, starts, axis=1)
     below = np.cumsum(neg_w, axis=1) - neg_w  # negative weight strictly below each score group
     num = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
-    return _safe_div(num, pos_w.sum(axis=1) * neg_w.sum(axis=1))
+    return num, pos_w.sum(axis=1) * neg_w.sum(axis=1)
 
 
-def weighted_auc_ovr(y: np.ndarray, prob: np.ndarray, W: np.ndarray) -> np.ndarray:
+def weighted_auc(positive: np.ndarray, score: np.ndarray, W: np.ndarray,
+                 strata: np.ndarray | None = None) -> np.ndarray:
+    """Binary ROC AUC as a weighted Mann–Whitney statistic (score ties count 1/2). With ``strata``
+    only (positive, negative) pairs within a stratum count: pooled test folds are scored by
+    different models, whose scores need not share a scale."""
+    if positive.size == 0:
+        return np.full(W.shape[0], np.nan)
+    if strata is None:
+        return _safe_div(*_auc_counts(positive, score, W))
+    num, den = np.zeros(W.shape[0]), np.zeros(W.shape[0])
+    for s in np.unique(strata):
+        cols = strata == s
+        n, d = _auc_counts(positive[cols], score[cols], W[:, cols])
+        num += n
+        den += d
+    return _safe_div(num, den)
+
+
+def weighted_auc_ovr(y: np.ndarray, prob: np.ndarray, W: np.ndarray,
+                     strata: np.ndarray | None = None) -> np.ndarray:
     """AUC: binary (K = 2, score = prob of class 1) or macro one-vs-rest (K > 2).
 
     Undefined (NaN) as soon as one class lacks positives or negatives, as scikit-learn raises.
     """
     k = prob.shape[1]
     if k == 2:
-        return weighted_auc(y == 1, prob[:, 1], W)
-    per_class = np.stack([weighted_auc(y == c, prob[:, c], W) for c in range(k)], axis=1)
+        return weighted_auc(y == 1, prob[:, 1], W, strata)
+    per_class = np.stack([weighted_auc(y == c, prob[:, c], W, strata) for c in range(k)], axis=1)
     return per_class.mean(axis=1)  # NaN propagates: macro AUC needs every class
 
 
@@ -288,7 +308,7 @@ class Cases:
     time: np.ndarray | None = None
     event: np.ndarray | None = None  # bool
     risk: np.ndarray | None = None
-    strata: np.ndarray | None = None  # survival: C-index pairs only within a stratum (test fold)
+    strata: np.ndarray | None = None  # AUC and C-index compare pairs only within a stratum (test fold)
 
     @property
     def n(self) -> int:
@@ -305,7 +325,7 @@ class Cases:
         k = len(self.classes)
         pred = self.prob.argmax(axis=1)  # ties → first class in `classes` order
         out = {
-            "auc": weighted_auc_ovr(self.y, self.prob, W),
+            "auc": weighted_auc_ovr(self.y, self.prob, W, self.strata),
             "accuracy": weighted_accuracy(self.y, pred, W),
             "balanced_accuracy": weighted_balanced_accuracy(self.y, pred, k, W),
             "macro_f1": weighted_macro_f1(self.y, pred, k, W),
@@ -320,7 +340,7 @@ class Cases:
 
 def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Cases:
     """Validate a predictions table and encode it; errors name the case and the column.
-    ``strata``: a column (the test fold of pooled folds) within which survival cases are compared."""
+    ``strata``: a column (the test fold of pooled folds) within which AUC and C-index compare cases."""
     _check_task_type(task_type)
     if "case_id" not in df.columns:
         raise ValueError("predictions have no case_id column (see CONTRACTS.md predictions.tsv)")
@@ -330,6 +350,7 @@ def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Case
     if len(dup):
         raise ValueError(f"case {dup.iloc[0]} appears more than once in the predictions; "
                          "each case must be a test case once (one row per case)")
+    codes = None if strata is None else pd.factorize(df[strata])[0]
     if task_type == "survival":
         missing = [c for c in ("time", "event", "risk") if c not in df.columns]
         if missing:
@@ -338,7 +359,6 @@ def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Case
         bad = ~np.isin(values[:, 1], (0.0, 1.0))
         if bad.any():
             raise ValueError(f"case {case_id[np.argmax(bad)]}: event must be 0 or 1")
-        codes = None if strata is None else pd.factorize(df[strata])[0]
         return Cases(task_type, case_id, time=values[:, 0], event=values[:, 1].astype(bool), risk=values[:, 2],
                      strata=codes)
     prob_cols = {c[len("prob_"):]: c for c in df.columns if c.startswith("prob_")}
@@ -348,7 +368,7 @@ def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Case
     classes = class_order(prob_cols)
     prob = _finite(df, [prob_cols[c] for c in classes], case_id)
     y = _encode(_label_names(df["label"], classes, case_id), np.array(classes, dtype=object))
-    return Cases(task_type, case_id, tuple(classes), y=y, prob=prob)
+    return Cases(task_type, case_id, tuple(classes), y=y, prob=prob, strata=codes)
 
 
 def task_metrics(task_type: str, df: pd.DataFrame) -> dict[str, float]:

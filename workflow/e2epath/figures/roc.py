@@ -1,10 +1,14 @@
-"""ROC curves per method, pooled over the test folds, with a bootstrap band.
+"""ROC curves per method over the test folds, with a bootstrap band.
 
-Binary tasks use the probability of the second class (classes in numeric order when every name is
-a number, else string order — as the evaluation does); more than two classes give the macro
-average of the one-vs-rest curves (mean TPR on a common FPR grid), whose AUC is the mean of the
-per-class AUCs (= scikit-learn ``roc_auc_score(multi_class="ovr", average="macro")``). The band is
-the 2.5–97.5 % percentile of the TPR at each grid FPR over case-level bootstrap resamples.
+Each fold's cases are scored by that fold's model, and scores of different models share no scale,
+so — as the evaluation's pooled AUC — a curve compares cases of one fold only: the folds' ROC
+curves (TPR on a common FPR grid) averaged with weights positives × negatives, whose AUC is the
+pair-weighted mean of the fold AUCs (`metrics.weighted_auc` with strata). Binary tasks use the
+probability of the second class (classes in numeric order when every name is a number, else string
+order — as the evaluation does); more than two classes give the macro average of the one-vs-rest
+curves, whose AUC is the mean of the per-class AUCs (one fold: scikit-learn
+``roc_auc_score(multi_class="ovr", average="macro")``). The band is the 2.5–97.5 % percentile of
+the TPR at each grid FPR over case-level bootstrap resamples.
 """
 from __future__ import annotations
 
@@ -59,35 +63,56 @@ def _tpr_on_grid(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
     return out
 
 
-def _usable(y: np.ndarray, n_classes: int) -> list[int]:
-    """Classes with at least one positive and one negative case."""
-    return [c for c in range(n_classes) if 0 < (y == c).sum() < len(y)]
+def _pairs(positive: np.ndarray, fold: np.ndarray) -> dict[int, int]:
+    """Positive × negative pair count of each fold that has both."""
+    out = {}
+    for f in np.unique(fold):
+        n_pos = int(positive[fold == f].sum())
+        n_neg = int((fold == f).sum()) - n_pos
+        if n_pos and n_neg:
+            out[int(f)] = n_pos * n_neg
+    return out
 
 
-def macro_roc(y: np.ndarray, prob: np.ndarray, classes: list[int] | None = None) -> tuple[np.ndarray, float]:
-    """(TPR on FPR_GRID, AUC): binary for two classes, else macro one-vs-rest over ``classes``."""
-    n_classes = prob.shape[1]
-    if n_classes == 2:
-        positive = y == 1
-        return _tpr_on_grid(positive, prob[:, 1]), float(roc_auc_score(positive, prob[:, 1]))
-    classes = _usable(y, n_classes) if classes is None else classes
-    tprs = [_tpr_on_grid(y == c, prob[:, c]) for c in classes]
-    aucs = [roc_auc_score(y == c, prob[:, c]) for c in classes]
-    return np.mean(tprs, axis=0), float(np.mean(aucs))
+def _usable(y: np.ndarray, n_classes: int, fold: np.ndarray | None = None) -> list[int]:
+    """Classes with a positive and a negative case in one fold (binary: the second class only)."""
+    fold = np.zeros(len(y), int) if fold is None else fold
+    classes = [1] if n_classes == 2 else range(n_classes)
+    return [c for c in classes if _pairs(y == c, fold)]
 
 
-def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int,
-             alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]]:
+def _fold_roc(positive: np.ndarray, score: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, float]:
+    """The folds' curves averaged, weighted by pairs, and the pair-weighted mean AUC."""
+    pairs = _pairs(positive, fold)
+    curves = [_tpr_on_grid(positive[fold == f], score[fold == f]) for f in pairs]
+    aucs = [roc_auc_score(positive[fold == f], score[fold == f]) for f in pairs]
+    weights = list(pairs.values())
+    return np.average(curves, axis=0, weights=weights), float(np.average(aucs, weights=weights))
+
+
+def macro_roc(y: np.ndarray, prob: np.ndarray, classes: list[int] | None = None,
+              fold: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """(TPR on FPR_GRID, AUC): binary for two classes, else macro one-vs-rest over ``classes``;
+    with ``fold``, cases are compared within their fold only."""
+    fold = np.zeros(len(y), int) if fold is None else np.asarray(fold)
+    classes = _usable(y, prob.shape[1], fold) if classes is None else classes
+    per_class = [_fold_roc(y == c, prob[:, c], fold) for c in classes]
+    return np.mean([t for t, _ in per_class], axis=0), float(np.mean([a for _, a in per_class]))
+
+
+def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05,
+             fold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]]:
     """Point curve, lower / upper percentile band, AUC and its bootstrap percentile interval."""
-    classes = _usable(y, prob.shape[1])
-    tpr, auc = macro_roc(y, prob, classes)
+    fold = np.zeros(len(y), int) if fold is None else np.asarray(fold)
+    classes = _usable(y, prob.shape[1], fold)
+    tpr, auc = macro_roc(y, prob, classes, fold)
     rng = np.random.default_rng(seed)
     curves, aucs = [], []
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
-        if len(_usable(y[idx], prob.shape[1])) < len(classes):
+        if len(_usable(y[idx], prob.shape[1], fold[idx])) < len(classes):
             continue  # a resample without a positive or a negative has no curve
-        t, a = macro_roc(y[idx], prob[idx], classes)
+        t, a = macro_roc(y[idx], prob[idx], classes, fold[idx])
         curves.append(t)
         aucs.append(a)
     if not curves:
@@ -100,7 +125,7 @@ def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int,
 
 def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], n_boot: int = 200, seed: int = 0,
              auc_ci: dict[str, tuple[float, float]] | None = None, title: str = "") -> Figure:
-    """One curve per method (test folds pooled) with its band; AUC [95 % CI] in the legend.
+    """One curve per method (the test folds' curves averaged) with its band; AUC [95 % CI] in the legend.
 
     ``auc_ci`` (display name → interval, from the metrics table) replaces the band's own interval,
     so the legend agrees with the tables.
@@ -112,18 +137,20 @@ def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], n_boot: in
     drawn = 0
     for key in ordered(methods):
         name = names[key]
-        pooled = pd.concat([methods[key][k] for k in sorted(methods[key])], ignore_index=True)
+        folds = methods[key]
+        pooled = pd.concat([folds[k] for k in sorted(folds)], ignore_index=True)
+        fold = np.repeat(sorted(folds), [len(folds[k]) for k in sorted(folds)])
         classes, y, prob = encode(pooled, name)
-        usable = _usable(y, len(classes))
-        if len(usable) < (2 if len(classes) == 2 else 1):
-            logger.warning("ROC: %s — the test folds hold a single class (%s); no ROC curve",
-                           name, ", ".join(sorted({classes[i] for i in y})))
+        usable = _usable(y, len(classes), fold)
+        if not usable:
+            logger.warning("ROC: %s — no test fold holds both a positive and a negative case (%s); "
+                           "no ROC curve", name, ", ".join(sorted({classes[i] for i in y})))
             continue
         if len(classes) > 2 and len(usable) < len(classes):
             left_out = [c for i, c in enumerate(classes) if i not in usable]
-            logger.warning("ROC: %s — classes %s have no positive or no negative test case; macro "
-                           "average over the others", name, left_out)
-        tpr, lo, hi, auc, ci = roc_band(y, prob, n_boot, seed)
+            logger.warning("ROC: %s — classes %s have no test fold with a positive and a negative "
+                           "case; macro average over the others", name, left_out)
+        tpr, lo, hi, auc, ci = roc_band(y, prob, n_boot, seed, fold=fold)
         ci = (auc_ci or {}).get(name, ci)
         label = f"{name} ({FAMILY_LABEL.get(key[0], key[0])}) AUC {auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
         ax.fill_between(FPR_GRID, lo, hi, color=colors[key], alpha=0.15, linewidth=0)
@@ -133,7 +160,7 @@ def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], n_boot: in
         raise FigureSkipped("every method's test folds hold a single class; a ROC needs both")
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
-           title=title or "ROC (test folds pooled)")
+           title=title or "ROC (mean of the test folds)")
     ax.set_aspect("equal")
     ax.legend(loc="lower right", fontsize=7)
     return fig
