@@ -28,12 +28,12 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 _MAIN = {"classification": "auc", "grading": "qwk", "survival": "c_index"}
 _UNDEFINED_WHY = {
-    "auc": "needs a positive and a negative case for every class",
+    "auc": "needs a positive and a negative case for every class (pooled folds: within one test fold)",
     "accuracy": "no cases",
     "balanced_accuracy": "no cases",
     "macro_f1": "no cases",
     "qwk": "labels and predictions hold a single class",
-    "c_index": "no comparable pairs (no events, or all event times tied)",
+    "c_index": "no comparable pairs (no events, or all event times tied; pooled folds: within one fold)",
 }
 _BLOCK_ELEMS = 1 << 21  # bound on the pairs held at once by the C-index (× resamples in a matmul)
 
