@@ -271,6 +271,22 @@ def test_bootstrap_deterministic_and_interval_contains_point():
         assert iv.ci_low <= iv.point <= iv.ci_high
 
 
+def test_pooled_resamples_stay_within_their_folds():
+    strata = np.repeat([2, 0, 1], [10, 7, 13])
+    idx = bs.resample_indices(30, 300, seed=1, strata=strata)
+    assert (strata[idx] == strata[None, :]).all()  # each fold keeps its size in every resample
+    assert np.array_equal(idx, bs.resample_indices(30, 300, seed=1, strata=strata))
+    assert len(np.unique(idx[:, strata == 0])) == 7  # and draws from all of its cases
+    df = _surv_df(np.random.default_rng(2), 30).assign(fold=strata)
+    pooled = m.prepare("survival", df, strata="fold")
+    iv = bs.bootstrap(pooled, n_boot=300, seed=1)["c_index"]
+    values = bs.resampled_metrics(pooled, bs.resample_indices(30, 300, seed=1, strata=pooled.strata))["c_index"]
+    assert np.isclose(iv.mean, np.nanmean(values), **TIGHT)  # bootstrap() used the within-fold resamples
+    moved = m.prepare("survival", df.assign(fold=np.roll(strata, 1)), strata="fold")
+    with pytest.raises(ValueError, match="different test folds"):
+        bs.paired_bootstrap(pooled, moved, n_boot=10)
+
+
 def test_paired_bootstrap():
     rng = np.random.default_rng(5)
     good = _cls_df(rng, 150, ["a", "b"], signal=2.0)

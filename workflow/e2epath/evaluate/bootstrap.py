@@ -4,7 +4,7 @@ Pooled: the test cases of all folds in one table. Each fold's cases are scored b
 model, and scores of different models share no scale (a model's risk offset, its calibration), so
 the ranking metrics (AUC, C-index) compare only pairs of cases from the same test fold — the
 pair-weighted mean of the fold values, as R's `concordance(... + strata(fold))`; accuracy-type
-metrics pool the cases' decisions.
+metrics pool the cases' decisions. Pooled resamples draw each fold's cases within that fold.
 
 A resample is a multiplicity vector (how often each test case was drawn); the metrics of
 `metrics.py` take a matrix of them, so all resamples are computed at once. Cases are sorted by
@@ -58,9 +58,18 @@ class PairedInterval:
     n_valid: int
 
 
-def resample_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) case indices drawn with replacement; a function of (n, n_boot, seed) only."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), int)
+def resample_indices(n: int, n_boot: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """(n_boot, n) case indices drawn with replacement; a function of (n, n_boot, seed, strata) only.
+    With ``strata`` (pooled test folds) each stratum is resampled within itself, so every resample
+    keeps the folds' sizes, as the cross-validation design fixed them."""
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        return rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), int)
+    idx = np.empty((n_boot, n), int)
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        idx[:, members] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+    return idx
 
 
 def multiplicities(indices: np.ndarray, n: int) -> np.ndarray:
@@ -95,7 +104,7 @@ def bootstrap(cases: Cases, n_boot: int = 1000, seed: int = 0, alpha: float = 0.
               what: str = "") -> dict[str, Interval]:
     """Point estimate, bootstrap mean and percentile interval of every metric of the task."""
     point = cases.point()
-    values = resampled_metrics(cases, resample_indices(cases.n, n_boot, seed))
+    values = resampled_metrics(cases, resample_indices(cases.n, n_boot, seed, cases.strata))
     out = {}
     for name, v in values.items():
         v = v[~np.isnan(v)]
@@ -112,7 +121,10 @@ def paired_bootstrap(cases: Cases, reference: Cases, n_boot: int = 1000, seed: i
     if not np.array_equal(cases.case_id, reference.case_id):
         raise ValueError(f"{what}: paired bootstrap needs the same cases for both methods; "
                          "restrict both tables to their common case_ids first")
-    idx = resample_indices(cases.n, n_boot, seed)
+    if (cases.strata is None) != (reference.strata is None) or (
+            cases.strata is not None and not np.array_equal(cases.strata, reference.strata)):
+        raise ValueError(f"{what}: the two methods put the same cases in different test folds")
+    idx = resample_indices(cases.n, n_boot, seed, cases.strata)
     va, vb = resampled_metrics(cases, idx), resampled_metrics(reference, idx)
     pa, pb = cases.point(), reference.point()
     out = {}
