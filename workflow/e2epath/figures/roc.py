@@ -8,7 +8,7 @@ probability of the second class (classes in numeric order when every name is a n
 order — as the evaluation does); more than two classes give the macro average of the one-vs-rest
 curves, whose AUC is the mean of the per-class AUCs (one fold: scikit-learn
 ``roc_auc_score(multi_class="ovr", average="macro")``). The band is the 2.5–97.5 % percentile of
-the TPR at each grid FPR over case-level bootstrap resamples.
+the TPR at each grid FPR over case-level bootstrap resamples drawn within folds.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from e2epath.evaluate.bootstrap import resample_indices
 from e2epath.evaluate.metrics import class_order
 from e2epath.figures.common import (FAMILY_LABEL, FAMILY_STYLE, FigureSkipped, display_names, method_colors,
                                     ordered)
@@ -106,10 +107,8 @@ def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: flo
     fold = np.zeros(len(y), int) if fold is None else np.asarray(fold)
     classes = _usable(y, prob.shape[1], fold)
     tpr, auc = macro_roc(y, prob, classes, fold)
-    rng = np.random.default_rng(seed)
     curves, aucs = [], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
+    for idx in resample_indices(len(y), n_boot, seed, fold):  # within folds, as the metrics table
         if len(_usable(y[idx], prob.shape[1], fold[idx])) < len(classes):
             continue  # a resample without a positive or a negative has no curve
         t, a = macro_roc(y[idx], prob[idx], classes, fold[idx])
