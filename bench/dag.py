@@ -1,7 +1,8 @@
 """Benchmark: Snakemake's own cost on large cohorts (DAG build, no-op reruns, per-job overhead).
 
-(a) `snakemake -n all` (also with `--quiet --rerun-triggers mtime`) and `-n preprocess` on a 10,000-slide sheet (hard links to 4 small demo
-    slides; only paths matter for a dry run), and on 2,000 slides for the projection in (d);
+(a) `snakemake -n all` (also with `--quiet --rerun-triggers mtime`) and `-n preprocess` on a
+    10,000-slide sheet (hard links to 4 small demo slides; only paths matter for a dry run), and
+    on 2,000 slides for the projection in (d);
 (b) one real `snakemake --cores 2 preprocess` on 200 slides, then its no-op reruns (`-n` and a
     real run) with all rerun triggers and with `--rerun-triggers mtime`;
 (c) per-job overhead of (b): cores x wall - sum of the jobs' own wall time (start/end recorded in

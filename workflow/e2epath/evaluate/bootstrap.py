@@ -8,7 +8,7 @@ metrics pool the cases' decisions. Pooled resamples draw each fold's cases withi
 
 A resample is a multiplicity vector (how often each test case was drawn); the metrics of
 `metrics.py` take a matrix of them, so all resamples are computed at once. Cases are sorted by
-case_id and resamples depend only on (seed, n), so two methods evaluated on the same cases see
+case_id and resamples depend only on (seed, n, folds), so two methods evaluated on the same cases see
 the same resamples — which is what the paired bootstrap needs. Resamples on which a metric is
 undefined (a single class) are dropped and counted in the log.
 
@@ -121,8 +121,8 @@ def paired_bootstrap(cases: Cases, reference: Cases, n_boot: int = 1000, seed: i
     if not np.array_equal(cases.case_id, reference.case_id):
         raise ValueError(f"{what}: paired bootstrap needs the same cases for both methods; "
                          "restrict both tables to their common case_ids first")
-    if (cases.strata is None) != (reference.strata is None) or (
-            cases.strata is not None and not np.array_equal(cases.strata, reference.strata)):
+    folds = [np.full(c.n, -1) if c.strata is None else c.strata for c in (cases, reference)]
+    if not np.array_equal(*folds):
         raise ValueError(f"{what}: the two methods put the same cases in different test folds")
     idx = resample_indices(cases.n, n_boot, seed, cases.strata)
     va, vb = resampled_metrics(cases, idx), resampled_metrics(reference, idx)

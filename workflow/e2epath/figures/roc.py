@@ -17,10 +17,10 @@ import logging
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from e2epath.evaluate.bootstrap import resample_indices
-from e2epath.evaluate.metrics import class_order
+from e2epath.evaluate.metrics import class_order, weighted_auc
 from e2epath.figures.common import (FAMILY_LABEL, FAMILY_STYLE, FigureSkipped, display_names, method_colors,
                                     ordered)
 
@@ -83,12 +83,11 @@ def _usable(y: np.ndarray, n_classes: int, fold: np.ndarray | None = None) -> li
 
 
 def _fold_roc(positive: np.ndarray, score: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, float]:
-    """The folds' curves averaged, weighted by pairs, and the pair-weighted mean AUC."""
+    """The folds' curves averaged, weighted by pairs, and the evaluation's within-fold AUC."""
     pairs = _pairs(positive, fold)
     curves = [_tpr_on_grid(positive[fold == f], score[fold == f]) for f in pairs]
-    aucs = [roc_auc_score(positive[fold == f], score[fold == f]) for f in pairs]
-    weights = list(pairs.values())
-    return np.average(curves, axis=0, weights=weights), float(np.average(aucs, weights=weights))
+    auc = weighted_auc(positive, score, np.ones((1, len(score))), fold)[0]
+    return np.average(curves, axis=0, weights=list(pairs.values())), float(auc)
 
 
 def macro_roc(y: np.ndarray, prob: np.ndarray, classes: list[int] | None = None,
