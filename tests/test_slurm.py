@@ -51,22 +51,39 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(SLURM_DIR / "stop.sh"), str(state)], capture_output=True, timeout=60, check=False)
 
 
-@pytest.fixture(scope="module")
-def run(slurm, tmp_path_factory):
-    """One `snakemake --profile profiles/slurm` run to two training outputs; its log."""
-    run = tmp_path_factory.mktemp("run")
-    (run / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+def snakemake_slurm(slurm: Path, run: Path, config: dict, targets: list[str]) -> str:
+    """One `snakemake --profile profiles/slurm` run to ``targets``; its log."""
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     # No accounting database here: squeue is the status source (it keeps finished jobs for
     # MinJobAge); the first status poll after 2 s instead of 40 s keeps the test short.
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(run),
            "--configfile", str(run / "config.yaml"), "--profile", str(ROOT / "profiles" / "slurm"),
            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-           "--slurm-keep-successful-logs", "--verbose", *TARGETS]
+           "--slurm-keep-successful-logs", "--verbose", *targets]
     res = subprocess.run(cmd, cwd=run, capture_output=True, text=True, timeout=1200, check=False)
     log = res.stdout + res.stderr
     (run / "snakemake.log").write_text(log)
     assert res.returncode == 0, log[-6000:] + "\n" + (slurm / "slurmctld.log").read_text()[-3000:]
-    return run, log
+    return log
+
+
+@pytest.fixture(scope="module")
+def run(slurm, tmp_path_factory):
+    """The demo through two training outputs, per-slide preprocessing jobs; (folder, log)."""
+    run = tmp_path_factory.mktemp("run")
+    return run, snakemake_slurm(slurm, run, CONFIG, TARGETS)
+
+
+@pytest.fixture(scope="module")
+def sharded(slurm, tmp_path_factory):
+    """The demo's preprocessing and features with `preprocess.shards: 2`; (folder, log, shards)."""
+    from e2epath import demo, shards
+
+    run = tmp_path_factory.mktemp("sharded")
+    config = {**CONFIG, "preprocess": {**CONFIG["preprocess"], "shards": 2}}
+    names = list(shards.assign(demo.plan(N_SLIDES, 0)["slide_id"], 2))
+    targets = ["results/patches/manifest.tsv"] + [f"results/shards/features/resnet18/20x/{n}.json" for n in names]
+    return run, snakemake_slurm(slurm, run, config, targets), names
 
 
 def submissions(log: str) -> dict[str, str]:
@@ -117,3 +134,18 @@ def test_gpu_rules_ask_slurm_for_one_gpu_and_cpu_rules_for_none(run):
     assert seen == GPU_RULES, jobs
     calls = [line for line in run[1].splitlines() if line.startswith("sbatch call:")]
     assert sum("--gpus=1" in c.split("--wrap")[0] for c in calls) == len(GPU_RULES)
+
+
+def test_each_shard_is_one_submission_and_its_features_ask_for_a_gpu(sharded):
+    run, log, names = sharded
+    jobs = submissions(log)
+    groups = [n for n in jobs.values() if n.startswith("group_preprocess_shard")]
+    assert len(groups) == len(names) == 2, jobs  # (qc, tissue, 2 x patch) of a shard: one SLURM job
+    assert not {"rule_slide_qc_shard", "rule_tissue_shard", "rule_patch_shard"} & set(jobs.values()), jobs
+    features = [j for j, n in jobs.items() if n == "rule_extract_features_shard"]
+    assert len(features) == 2, jobs
+    for jobid in jobs:
+        shown = subprocess.run(["scontrol", "show", "job", jobid], capture_output=True, text=True, check=True).stdout
+        assert ("TresPerJob=gres:gpu:1" in shown) == (jobid in features), (jobs[jobid], shown)
+    manifest = (run / "results/patches/manifest.tsv").read_text().splitlines()
+    assert len(manifest) == 1 + N_SLIDES * 2

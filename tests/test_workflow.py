@@ -5,6 +5,7 @@ rerun, and that the report and lint work from a clone run elsewhere (`-s … --d
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -214,3 +215,85 @@ def test_lint_is_clean():
     res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- preprocess.shards > 0
+
+SHARDED = edited(preprocess__shards=3)
+SHARD_RULES = {"slide_qc_shard", "tissue_shard", "patch_shard", "extract_features_shard"}
+
+
+@pytest.fixture(scope="module")
+def sharded(run, tmp_path_factory) -> Path:
+    """The per-slide run's cohort (bad slides included) run again with one job per shard and step."""
+    sharded = tmp_path_factory.mktemp("sharded")
+    shutil.copytree(run / "resources/demo", sharded / "resources/demo")
+    res = snakemake(sharded, SHARDED, "--cores", "2", "all")
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    stats = res.stdout.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in res.stdout else res.stderr
+    ran = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert {r: ran.get(r) for r in SHARD_RULES} == {"slide_qc_shard": 3, "tissue_shard": 3, "patch_shard": 9,
+                                                     "extract_features_shard": 3}, ran
+    assert not {"slide_qc", "tissue", "patch", "extract_features"} & set(ran), ran
+    return sharded
+
+
+def table(root: Path, rel: str, keys: list[str]) -> pd.DataFrame:
+    """A TSV of a run, rows sorted, the run's own folder written as ROOT (slide paths, errors)."""
+    text = (root / rel).read_text().replace(str(root), "ROOT")
+    return pd.read_csv(io.StringIO(text), sep="\t").sort_values(keys).reset_index(drop=True)
+
+
+def test_sharded_run_gives_the_per_slide_results(run, sharded):
+    for rel, keys in (("results/slides.tsv", ["slide_id"]), ("results/patches/manifest.tsv", ["slide_id", "magnification"])):
+        pd.testing.assert_frame_equal(table(run, rel, keys), table(sharded, rel, keys), obj=rel)
+    import torch
+
+    features = sorted((run / "results/features/resnet18/20x").glob("*.pt"))
+    assert len(features) == N_SLIDES + len(BAD)
+    for path in features:
+        a = torch.load(path, weights_only=True)
+        b = torch.load(sharded / path.relative_to(run), weights_only=True)
+        assert a["status"] == b["status"] and torch.equal(a["features"], b["features"]), path.name
+    predictions = sorted(p.relative_to(run) for p in (run / "results").rglob("predictions.tsv"))
+    assert len(predictions) == 2 * 3 * FOLDS
+    for rel in predictions:  # same bags in the same order: the same models
+        pd.testing.assert_frame_equal(pd.read_csv(run / rel, sep="\t"), pd.read_csv(sharded / rel, sep="\t"),
+                                      rtol=1e-4, obj=str(rel))
+    assert (sharded / "results/figures/cohort/qc_montage.png").is_file()
+
+
+def test_sharded_second_run_does_nothing(sharded):
+    assert planned(sharded, SHARDED) == {}
+
+
+def test_sharded_changes_rerun_shards_of_the_steps_they_touch(sharded):
+    jobs = planned(sharded, edited(preprocess__shards=3, preprocess__magnifications=[5, 10, 20, 40]))
+    assert jobs.pop("patch_shard") == 3 and jobs.pop("manifest") == 1
+    assert set(jobs) <= {"figures_cohort"}, jobs
+    jobs = planned(sharded, edited(preprocess__shards=3, preprocess__min_tissue=0.6))
+    assert jobs["patch_shard"] == 9 and not {"slide_qc_shard", "tissue_shard"} & set(jobs), jobs
+
+
+def test_sharded_adding_a_slide_redoes_that_slide_alone(sharded):
+    demo = sharded / "resources/demo"
+    shutil.copy(demo / "slides/DEMO-S001.svs", demo / "slides/EXTRA-1.svs")
+    sheet = pd.read_csv(demo / "slides.tsv", sep="\t", dtype=str)
+    pd.concat([sheet, pd.DataFrame([{"slide_id": "EXTRA-1", "path": "slides/EXTRA-1.svs",
+                                     "case_id": sheet.loc[0, "case_id"]}])]).to_csv(demo / "slides.tsv", sep="\t",
+                                                                                     index=False)
+    jobs = planned(sharded, SHARDED)
+    assert {r: jobs.get(r) for r in SHARD_RULES} == {"slide_qc_shard": 1, "tissue_shard": 1, "patch_shard": 3,
+                                                      "extract_features_shard": 1}, jobs
+    stores = {p: p.stat().st_mtime_ns for p in (sharded / "results/lmdb").rglob("*.lmdb")}
+    res = snakemake(sharded, SHARDED, "--cores", "2", "results/patches/manifest.tsv")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    from e2epath.shards import shard_of
+
+    log = (sharded / f"results/logs/shards/patch/10x/{shard_of('EXTRA-1', 3)}.log").read_text()
+    assert "EXTRA-1: running (new)" in log
+    counts = re.search(r": (\d+) slides, (\d+) up to date \(skipped\), 1 run, 0 failed", log)
+    assert counts and int(counts[2]) == int(counts[1]) - 1 > 0, log
+    assert all(p.stat().st_mtime_ns == t for p, t in stores.items())  # no other store rewritten
+    manifest = pd.read_csv(sharded / "results/patches/manifest.tsv", sep="\t")
+    assert set(manifest.loc[manifest["slide_id"] == "EXTRA-1", "status"]) == {"ok"}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .io import read_json
+from .io import read_records
 from .preprocess.store import LmdbReader
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class Bag:
 
 
 def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str]) -> dict[str, Bag]:
-    """Bags of ``cases`` from the manifest rows; slides that are not `ok` are skipped, logged.
+    """Bags of ``cases`` from the manifest rows (per-slide JSONs or shard tables); slides that are
+    not `ok` are skipped, logged.
 
     A case none of whose slides has a usable store is left out with a warning naming it.
     """
@@ -60,8 +61,8 @@ def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str]) 
     case_of = dict(zip(sheet["slide_id"], sheet["case_id"]))
     bags = {c: Bag(c, []) for c in cases}
     problems: dict[str, list[str]] = {}
-    for path in sorted(map(str, rows)):  # a fixed slide order whatever order the rule lists rows in
-        row = read_json(path)
+    # a fixed slide order whatever order the rule lists rows in, per-slide files or shard tables
+    for row in sorted(read_records(rows), key=lambda r: (f"{r['magnification']}x", r["slide_id"])):
         case = case_of.get(row["slide_id"])
         if case not in bags:
             continue

@@ -15,14 +15,16 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import shards
 from .data import IMAGENET_MEAN, IMAGENET_STD, resize
-from .io import atomic_path, read_json
+from .io import atomic_path, read_json, read_records
 from .preprocess.store import LmdbReader, decode_jpeg
 from .train.fold import encoder_from_spec
 from .train.loop import device
@@ -136,11 +138,8 @@ def record(slide: str, status: str, message: str, magnification: int | None = No
             else torch.zeros(0, 2, dtype=torch.int32)}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="e2epath extract_features")
-    ap.add_argument("--rows", nargs="+", required=True,
-                    help="this slide's manifest rows: the configured magnification and its fallbacks")
-    ap.add_argument("--out", required=True)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--encoder", required=True)
     ap.add_argument("--magnification", type=int, required=True)
     ap.add_argument("--weights", default="auto", help="auto | imagenet | None | a state-dict file")
@@ -148,29 +147,76 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="decoding threads (0: decode inline)")
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+class Extractor:
+    """Features of one slide at a time from its manifest rows; the encoder is built at first use."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.dev = device()
+        self.encoder: nn.Module | None = None
+
+    def __call__(self, slide: str, rows: list[dict], out: str | Path) -> dict:
+        """Write ``out`` (the .pt record) and return its status: ok, skipped or failed."""
+        a = self.a
+        row, message = choose_row(rows, a.magnification)
+        if message:
+            logger.warning("slide %s: %s", slide, message)
+        if row is None:
+            rec = record(slide, "skipped", message)
+        else:
+            if self.encoder is None:
+                weights = None if a.weights in ("None", "null") else a.weights
+                self.encoder = build_frozen_encoder(a.encoder, weights, a.seed, self.dev)
+            store = LmdbReader(row["lmdb"])
+            mag = int(float(row["magnification"]))
+            try:
+                feats = extract(self.encoder, store, a.input_size, a.batch_size, self.dev, a.workers)
+                rec = record(slide, "ok", message, mag, feats, store.coords)
+                logger.info("slide %s: %d patches at %dx → features %s", slide, len(feats), mag, tuple(feats.shape))
+            except (ValueError, KeyError) as err:  # a damaged store is this slide's problem, not the run's
+                logger.error("slide %s: %s", slide, err)
+                rec = record(slide, "failed", str(err), mag)
+        with atomic_path(out) as tmp:
+            torch.save(rec, tmp)
+        return {"slide_id": slide, "status": rec["status"], "message": rec["message"], "path": str(out)}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = _parser("e2epath extract_features")
+    ap.add_argument("--rows", nargs="+", required=True,
+                    help="this slide's manifest rows: the configured magnification and its fallbacks")
+    ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     rows = [read_json(p) for p in a.rows]
     slides = sorted({r["slide_id"] for r in rows})
     if len(slides) != 1:
         ap.error(f"--rows must all belong to one slide, got {slides}")
-    slide = slides[0]
-    row, message = choose_row(rows, a.magnification)
-    if message:
-        logger.warning("slide %s: %s", slide, message)
-    if row is None:
-        out = record(slide, "skipped", message)
-    else:
-        dev = device()
-        encoder = build_frozen_encoder(a.encoder, None if a.weights in ("None", "null") else a.weights, a.seed, dev)
-        store = LmdbReader(row["lmdb"])
-        mag = int(float(row["magnification"]))
-        try:
-            feats = extract(encoder, store, a.input_size, a.batch_size, dev, a.workers)
-            out = record(slide, "ok", message, mag, feats, store.coords)
-            logger.info("slide %s: %d patches at %dx → features %s", slide, len(feats), mag, tuple(feats.shape))
-        except (ValueError, KeyError) as err:  # a damaged store is this slide's problem, not the run's
-            logger.error("slide %s: %s", slide, err)
-            out = record(slide, "failed", str(err), mag)
-    with atomic_path(a.out) as tmp:
-        torch.save(out, tmp)
+    Extractor(a)(slides[0], rows, a.out)
     return 0
+
+
+def cli_shard(argv: list[str] | None = None) -> int:
+    """Features of the slides of one shard (e2epath.shards); records carry the .pt path."""
+    ap = _parser("e2epath extract_features_shard")
+    ap.add_argument("--rows", nargs="+", required=True, type=Path,
+                    help="the shard's patch tables: the configured magnification and its fallbacks")
+    ap.add_argument("--feature-dir", required=True, type=Path)
+    ap.add_argument("--done-dir", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    rows: dict[str, list[dict]] = {}
+    for row in read_records(a.rows):
+        rows.setdefault(row["slide_id"], []).append(row)
+    weights = shards.file_stamp(a.weights) if Path(a.weights).is_file() else a.weights
+    params = {"encoder": a.encoder, "magnification": a.magnification, "weights": weights,
+              "input_size": a.input_size, "batch_size": a.batch_size, "seed": a.seed}
+    extractor = Extractor(a)
+    items = []
+    for slide, slide_rows in rows.items():
+        out = a.feature_dir / f"{slide}.pt"
+        payload = {"step": "features", **params, "rows": sorted(r["fingerprint"] for r in slide_rows)}
+        items.append(shards.Item(slide, payload, [out], lambda s=slide, r=slide_rows, o=out: extractor(s, r, o)))
+    return shards.run("features", items, a.done_dir, a.out)

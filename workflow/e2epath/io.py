@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def tmp_name(path: str | Path) -> Path:
@@ -68,6 +68,15 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+def read_records(paths: Iterable[str | Path]) -> list[Any]:
+    """Records from per-slide JSONs (one record each) and shard tables (a list of records each)."""
+    records: list[Any] = []
+    for path in paths:
+        obj = read_json(path)
+        records += obj if isinstance(obj, list) else [obj]
+    return records
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -76,13 +85,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def json_rows_to_tsv(paths: list[Path], fields: tuple[str, ...], out: str | Path) -> None:
-    """Aggregate one JSON record per file into a TSV (lists JSON-encoded, None empty), atomically."""
+def json_rows_to_tsv(paths: list[Path], fields: tuple[str, ...], out: str | Path) -> int:
+    """Aggregate the records of per-slide JSONs / shard tables into a TSV (lists JSON-encoded,
+    None empty), atomically; returns the number of rows."""
     import csv
 
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
         writer.writerow(fields)
-        for path in paths:
-            rec = read_json(path)
+        records = read_records(paths)
+        for rec in records:
             writer.writerow([_cell(rec.get(k)) for k in fields])
+    return len(records)

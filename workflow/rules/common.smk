@@ -4,10 +4,11 @@ import json
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from e2epath import sheets  # noqa: E402
+from e2epath import shards, sheets  # noqa: E402
 from e2epath.devices import candidate_devices  # noqa: E402
 from e2epath.methods import magnifications_used, resolve_methods, with_task_defaults  # noqa: E402
 
@@ -45,6 +46,11 @@ for name, spec in METHODS.items():
 # so `--resources gpu=1` does not make CPU training run one job at a time. The SLURM profile sets
 # gpu: 1 for these rules itself (its submit host may have no GPU).
 GPU = 1 if candidate_devices() else 0
+# Large cohorts: preprocessing jobs per shard of slides instead of per slide (e2epath.shards).
+SHARDS = shards.assign(SLIDES, config["preprocess"]["shards"]) if config["preprocess"]["shards"] else {}
+if not SHARDS and len(SLIDES) > 3000:
+    logger.warning(f"{len(SLIDES)} slides with one job per slide and step: Snakemake needs minutes to plan "
+                   f"each run; set preprocess.shards to about {len(SLIDES) // 20} (config/README.md)")
 E2E_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "e2e"]
 TS_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "twostage"]
 
@@ -56,6 +62,7 @@ def folds():
 
 wildcard_constraints:
     slide=r"[A-Za-z0-9._-]+",
+    shard=r"shard\d+",
     task="|".join(TASKS),
     mag=r"5|10|20|40",
     fold=r"\d+",
@@ -97,16 +104,50 @@ def method_rows(wildcards):
 
 @functools.cache
 def _patch_rows(mags):
+    if SHARDS:
+        return expand("results/shards/patches/{mag}x/{shard}.json", mag=mags, shard=SHARDS)
     return expand("results/patches/{mag}x/{slide}.json", mag=mags, slide=SLIDES)
 
 
 def patch_rows(mags):
-    """Manifest rows of every slide at ``mags`` (cached: every training job asks for them)."""
+    """Manifest rows of every slide at ``mags``, per slide or per shard (cached: every training
+    job asks for them)."""
     return _patch_rows(tuple(mags))
 
 
-def lmdbs(mags):
-    return expand("results/lmdb/{mag}x/{slide}.lmdb", mag=mags, slide=SLIDES)
+def qc_records():
+    if SHARDS:
+        return expand("results/shards/qc/{shard}.json", shard=SHARDS)
+    return expand("results/slides/{slide}.json", slide=SLIDES)
+
+
+def thumbs():
+    """Per-slide QC thumbnails (per-slide jobs only: shards list them in their tissue tables)."""
+    return [] if SHARDS else expand("results/tissue/thumbs/{slide}.png", slide=SLIDES)
+
+
+def tissue_tables():
+    return expand("results/shards/tissue/{shard}.json", shard=SHARDS)
+
+
+def shard_column(column, missing=None):
+    """A sample-sheet column for the slides of a shard, as a plain list (a params value)."""
+
+    def values(wildcards):
+        col = SAMPLES.loc[SHARDS[wildcards.shard], column]
+        return [missing if v is None or v != v else v for v in col]  # v != v: NaN
+
+    return values
+
+
+def shard_runtime(minutes_per_slide):
+    return lambda wildcards: minutes_per_slide * len(SHARDS[wildcards.shard])
+
+
+def fallback_mags(wildcards):
+    """The feature magnification and the coarser ones it may fall back to (not finer ones:
+    adding 40x must not redo 20x features)."""
+    return [m for m in MAGS if m <= int(wildcards.mag)]
 
 
 def predictions(task):

@@ -37,7 +37,8 @@ rule figures_cohort:
     input:
         slides="results/slides.tsv",
         manifest="results/patches/manifest.tsv",
-        thumbs=expand("results/tissue/thumbs/{slide}.png", slide=SLIDES),
+        thumbs=thumbs(),
+        tissue=tissue_tables(),
     output:
         out_dir=report(
             directory("results/figures/cohort"),
@@ -47,7 +48,6 @@ rule figures_cohort:
         ),
     params:
         step="figures_cohort",
-        thumbs_dir=lambda w, input: str(Path(input.thumbs[0]).parent),
     log:
         "results/logs/figures/cohort.log",
     conda:

@@ -24,7 +24,7 @@ from typing import Callable
 import pandas as pd
 
 from e2epath.figures.common import FigureSkipped, existing_runs, load_by_method, save_figure
-from e2epath.io import atomic_path
+from e2epath.io import atomic_path, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ def _cohort_figures(args: argparse.Namespace, out: Path) -> None:
     thumbs = {}
     for p in map(Path, args.thumbs):
         thumbs[p.stem[:-3] if p.stem.endswith("_qc") else p.stem] = p
+    thumbs.update({r["slide_id"]: Path(r["thumb"]) for r in read_records(args.tissue)})
     w = _Writer(out)
     w.figure("qc_montage", lambda: qc.plot_qc_montage(slides, manifest, args.thumbs_dir, thumbs))
     w.figure("patch_counts", lambda: qc.plot_patch_counts(manifest))
@@ -171,6 +172,7 @@ def cli_cohort(argv: list[str] | None = None) -> int:
     ap.add_argument("--thumbs-dir", type=Path, default=None, help="folder of {slide}.png QC thumbnails")
     ap.add_argument("--thumbs", nargs="*", default=[],
                     help="QC thumbnails named {slide}.png or {slide}_qc.png (before --thumbs-dir)")
+    ap.add_argument("--tissue", nargs="*", default=[], help="tissue shard tables (their `thumb` paths)")
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     try:

@@ -26,8 +26,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .. import shards
 from .. import slide as sl
-from ..io import json_rows_to_tsv, read_json, write_json
+from ..io import json_rows_to_tsv, read_json, read_records, write_json
 from .store import LmdbWriter, encode_jpeg, write_empty_store
 
 logger = logging.getLogger(__name__)
@@ -241,12 +242,8 @@ def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], mag
     return finish("ok", "", n)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="e2epath patch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--qc", required=True, type=Path)
-    p.add_argument("--mask", required=True, type=Path)
-    p.add_argument("--geojson", required=True, type=Path)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--magnification", required=True, type=float)
     p.add_argument("--patch-size", type=int, default=256)
     p.add_argument("--min-tissue", type=float, default=0.5)
@@ -255,17 +252,64 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--threads", type=int, default=1, help="windows decoded in parallel")
     p.add_argument("--window-px", type=int, default=4096, help="max window width in level px")
-    p.add_argument("--lmdb-out", required=True, type=Path)
-    p.add_argument("--row-out", required=True, type=Path)
+    return p
+
+
+def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.magnification <= 0 or a.patch_size <= 0 or not 0 <= a.min_tissue <= 1 or not 1 <= a.jpeg_quality <= 100:
         p.error("need magnification > 0, patch-size > 0, 0 <= min-tissue <= 1, 1 <= jpeg-quality <= 100")
-    mag = int(a.magnification) if float(a.magnification).is_integer() else a.magnification
-    mask, tissue = _mask_and_props(a.mask, a.geojson)
-    row = pack_slide(read_json(a.qc), mask, tissue, mag, a.lmdb_out, a.patch_size, a.min_tissue,
+    a.magnification = int(a.magnification) if float(a.magnification).is_integer() else a.magnification
+    return a
+
+
+def patch_to_files(qc: dict[str, Any], mask_path: Path, geojson_path: Path, a: argparse.Namespace,
+                   lmdb_out: Path, row_out: Path) -> dict[str, Any]:
+    """Patch one slide at ``a.magnification`` into its store; write and return its manifest row."""
+    mask, tissue = _mask_and_props(mask_path, geojson_path)
+    row = pack_slide(qc, mask, tissue, a.magnification, lmdb_out, a.patch_size, a.min_tissue,
                      a.tolerance, a.allow_upsample, a.jpeg_quality, a.threads, a.window_px)
-    write_json(a.row_out, row)
+    write_json(row_out, row)
+    return row
+
+
+def cli(argv: list[str] | None = None) -> int:
+    p = _parser("e2epath patch")
+    p.add_argument("--qc", required=True, type=Path)
+    p.add_argument("--mask", required=True, type=Path)
+    p.add_argument("--geojson", required=True, type=Path)
+    p.add_argument("--lmdb-out", required=True, type=Path)
+    p.add_argument("--row-out", required=True, type=Path)
+    a = _parse(p, argv)
+    patch_to_files(read_json(a.qc), a.mask, a.geojson, a, a.lmdb_out, a.row_out)
     return 0
+
+
+def cli_shard(argv: list[str] | None = None) -> int:
+    """Patch the slides of one shard (e2epath.shards) at one magnification."""
+    p = _parser("e2epath patch_shard")
+    p.add_argument("--qc", required=True, type=Path, help="the shard's QC table")
+    p.add_argument("--tissue", required=True, type=Path, help="the shard's tissue table")
+    p.add_argument("--lmdb-dir", required=True, type=Path)
+    p.add_argument("--row-dir", required=True, type=Path)
+    p.add_argument("--done-dir", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    a = _parse(p, argv)
+    tissue = shards.by_slide(read_records([a.tissue]))
+    # what the stores depend on; --threads and --window-px change only how fast they are written
+    params = {k: getattr(a, k) for k in ("magnification", "patch_size", "min_tissue", "tolerance",
+                                         "allow_upsample", "jpeg_quality")}
+    items = []
+    for qc in read_records([a.qc]):
+        sid = qc["slide_id"]
+        seg = tissue.get(sid)
+        if seg is None:
+            p.error(f"{a.tissue} has no record of slide {sid}; rerun its tissue shard")
+        lmdb_out, row_out = a.lmdb_dir / f"{sid}.lmdb", a.row_dir / f"{sid}.json"
+        payload = {"step": "patch", **params, "qc": qc["fingerprint"], "tissue": seg["fingerprint"]}
+        items.append(shards.Item(sid, payload, [lmdb_out, row_out], lambda qc=qc, seg=seg, lm=lmdb_out, ro=row_out:
+                                 patch_to_files(qc, Path(seg["mask"]), Path(seg["geojson"]), a, lm, ro)))
+    return shards.run("patch", items, a.done_dir, a.out)
 
 
 def cli_manifest(argv: list[str] | None = None) -> int:
@@ -274,6 +318,6 @@ def cli_manifest(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("jsons", nargs="*", type=Path)
     a = p.parse_args(argv)
-    json_rows_to_tsv(a.jsons, MANIFEST_FIELDS, a.out)
-    logger.info("wrote %d manifest rows to %s", len(a.jsons), a.out)
+    n = json_rows_to_tsv(a.jsons, MANIFEST_FIELDS, a.out)
+    logger.info("wrote %d manifest rows to %s", n, a.out)
     return 0

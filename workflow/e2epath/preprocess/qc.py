@@ -6,11 +6,13 @@ text; the step still exits 0 so that one bad slide does not stop the cohort.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
+from .. import shards
 from .. import slide as sl
 from ..io import json_rows_to_tsv, write_json
 
@@ -70,6 +72,18 @@ def slide_qc(slide_id: str, case_id: str, path: str | Path, sheet_mpp: float | N
     return rec
 
 
+def qc_to_file(slide_id: str, case_id: str, path: Path, sheet_mpp: float | None, out: Path) -> dict[str, Any]:
+    """QC one slide, log the outcome, write its record to ``out``."""
+    rec = slide_qc(slide_id, case_id, path, sheet_mpp)
+    if rec["status"] == "ok":
+        logger.info("%s: ok, %s, %dx%d, %d levels %s, mpp %.4f (%s)", slide_id, rec["vendor"], rec["width"],
+                    rec["height"], rec["level_count"], rec["level_downsamples"], rec["mpp"], rec["mpp_source"])
+    else:
+        logger.error("%s: failed: %s", slide_id, rec["error"])
+    write_json(out, rec)
+    return rec
+
+
 def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="e2epath qc", description=__doc__)
     p.add_argument("--slide-id", required=True, type=valid_id)
@@ -78,14 +92,30 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--sheet-mpp", type=float, default=None)
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
-    rec = slide_qc(a.slide_id, a.case_id, a.path, a.sheet_mpp)
-    if rec["status"] == "ok":
-        logger.info("%s: ok, %s, %dx%d, %d levels %s, mpp %.4f (%s)", a.slide_id, rec["vendor"], rec["width"],
-                    rec["height"], rec["level_count"], rec["level_downsamples"], rec["mpp"], rec["mpp_source"])
-    else:
-        logger.error("%s: failed: %s", a.slide_id, rec["error"])
-    write_json(a.out, rec)
+    qc_to_file(a.slide_id, a.case_id, a.path, a.sheet_mpp, a.out)
     return 0
+
+
+def cli_shard(argv: list[str] | None = None) -> int:
+    """QC the slides of one shard (e2epath.shards): aligned lists of paths, ids, cases, sheet mpps."""
+    p = argparse.ArgumentParser(prog="e2epath qc_shard", description=cli_shard.__doc__)
+    p.add_argument("--paths", nargs="+", required=True, type=Path)
+    p.add_argument("--slide-ids", nargs="+", required=True, type=valid_id)
+    p.add_argument("--case-ids", nargs="+", required=True, type=valid_id)
+    p.add_argument("--sheet-mpps", nargs="+", required=True, type=float, help="nan: none in the sheet")
+    p.add_argument("--qc-dir", required=True, type=Path, help="per-slide records {slide}.json")
+    p.add_argument("--done-dir", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    a = p.parse_args(argv)
+    if not len(a.paths) == len(a.slide_ids) == len(a.case_ids) == len(a.sheet_mpps):
+        p.error("--paths, --slide-ids, --case-ids and --sheet-mpps must have one value per slide")
+    items = []
+    for path, sid, case, mpp in zip(a.paths, a.slide_ids, a.case_ids, a.sheet_mpps):
+        mpp = None if mpp != mpp else mpp  # NaN: the sheet gives none
+        out = a.qc_dir / f"{sid}.json"
+        payload = {"step": "qc", "slide": shards.file_stamp(path.resolve()), "case_id": case, "sheet_mpp": mpp}
+        items.append(shards.Item(sid, payload, [out], functools.partial(qc_to_file, sid, case, path, mpp, out)))
+    return shards.run("qc", items, a.done_dir, a.out)
 
 
 def cli_table(argv: list[str] | None = None) -> int:
@@ -94,6 +124,6 @@ def cli_table(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("jsons", nargs="*", type=Path)
     a = p.parse_args(argv)
-    json_rows_to_tsv(a.jsons, FIELDS, a.out)
-    logger.info("wrote %d slides to %s", len(a.jsons), a.out)
+    n = json_rows_to_tsv(a.jsons, FIELDS, a.out)
+    logger.info("wrote %d slides to %s", n, a.out)
     return 0

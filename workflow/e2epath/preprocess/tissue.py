@@ -21,8 +21,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .. import shards
 from .. import slide as sl
-from ..io import read_json, write_bytes
+from ..io import read_json, read_records, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -251,13 +252,8 @@ def run(qc: dict[str, Any], p: TissueParams, mask_out: Path, geojson_out: Path, 
     return props
 
 
-def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="e2epath tissue", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--qc", required=True, type=Path)
-    p.add_argument("--mask-out", required=True, type=Path)
-    p.add_argument("--geojson-out", required=True, type=Path)
-    p.add_argument("--thumb-out", required=True, type=Path)
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="resection")
     p.add_argument("--seg-mpp", type=float, default=8.0)
     p.add_argument("--thumb-size", type=int, default=1024)
@@ -265,10 +261,49 @@ def cli(argv: list[str] | None = None) -> int:
         p.add_argument("--" + field.replace("_", "-"), type=float, default=None, help="override the preset")
     for field in ("sat_floor", "sat_cap", "white_value", "white_sat", "dark_value", "ink_value", "ink_sat"):
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
-    a = p.parse_args(argv)
+    return p
+
+
+def _params(p: argparse.ArgumentParser, a: argparse.Namespace) -> TissueParams:
     overrides = {k: v for k, v in vars(a).items() if k in TissueParams.__dataclass_fields__ and v is not None}
     params = replace(PRESETS[a.preset], **overrides)
     if params.seg_mpp <= 0:
         p.error("--seg-mpp must be positive")
-    run(read_json(a.qc), params, a.mask_out, a.geojson_out, a.thumb_out, a.preset, a.thumb_size)
+    return params
+
+
+def cli(argv: list[str] | None = None) -> int:
+    p = _parser("e2epath tissue")
+    p.add_argument("--qc", required=True, type=Path)
+    p.add_argument("--mask-out", required=True, type=Path)
+    p.add_argument("--geojson-out", required=True, type=Path)
+    p.add_argument("--thumb-out", required=True, type=Path)
+    a = p.parse_args(argv)
+    run(read_json(a.qc), _params(p, a), a.mask_out, a.geojson_out, a.thumb_out, a.preset, a.thumb_size)
     return 0
+
+
+def cli_shard(argv: list[str] | None = None) -> int:
+    """Segment the slides of one shard (e2epath.shards); records carry the three output paths."""
+    p = _parser("e2epath tissue_shard")
+    p.add_argument("--qc", required=True, type=Path, help="the shard's QC table")
+    for name in ("mask", "geojson", "thumb"):
+        p.add_argument(f"--{name}-dir", required=True, type=Path)
+    p.add_argument("--done-dir", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    a = p.parse_args(argv)
+    params = _params(p, a)
+
+    def work(qc: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
+        props = run(qc, params, paths["mask"], paths["geojson"], paths["thumb"], a.preset, a.thumb_size)
+        return {**props, **{k: str(v) for k, v in paths.items()}}
+
+    items = []
+    for qc in read_records([a.qc]):
+        sid = qc["slide_id"]
+        paths = {"mask": a.mask_dir / f"{sid}.png", "geojson": a.geojson_dir / f"{sid}.geojson",
+                 "thumb": a.thumb_dir / f"{sid}.png"}
+        payload = {"step": "tissue", "params": asdict(params), "preset": a.preset, "thumb_size": a.thumb_size,
+                   "qc": qc["fingerprint"]}
+        items.append(shards.Item(sid, payload, list(paths.values()), lambda qc=qc, paths=paths: work(qc, paths)))
+    return shards.run("tissue", items, a.done_dir, a.out)

@@ -5,11 +5,13 @@ Same splits, loop, tasks, model selection and outputs as E2E; only the inputs di
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..io import read_records
 from ..models import build_aggregator
 from .fold import (
     bag_outputs,
@@ -26,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_feature_bags(slides_tsv: str, paths: list[str], cases: set[str]) -> dict[str, tuple[torch.Tensor, list]]:
-    """case → (features [N, D] float32, [(slide, coords)]) from the per-slide feature files."""
+    """case → (features [N, D] float32, [(slide, coords)]) from the per-slide feature files, or
+    from shard tables (JSON) listing them; a case's slides in slide-id order."""
     case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
+    files = [p for p in paths if not str(p).endswith(".json")]
+    files += [r["path"] for r in read_records(p for p in paths if str(p).endswith(".json"))]
     parts: dict[str, list] = {}
-    for path in paths:
+    for path in sorted(files, key=lambda p: Path(p).name):
         rec = torch.load(path, map_location="cpu", weights_only=True)
         case = case_of.get(rec["slide_id"])
         if case not in cases:
