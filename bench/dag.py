@@ -9,7 +9,8 @@
     .snakemake/metadata), and the cost of the `script:` preamble every job pays;
 (d) the overhead share at 2,000 slides, projected from (a) and (c);
 (e) (a) and (b) again with `preprocess.shards` = slides / --shard-size (one job per shard of
-    slides and step, e2epath.shards).
+    slides and step, e2epath.shards), and the sharded dry run with the SLURM profile when
+    snakemake-executor-plugin-slurm is installed.
 Goals: (a) <= 30 s, no-op rerun <= 10 s, (d) <= 5 %. Prints a Markdown table.
 
     PYTHONPATH=workflow python bench/dag.py [--n-dry 10000] [--n-run 200] [--cores 2] [--shard-size 20] [--cprofile]
@@ -17,6 +18,7 @@ Goals: (a) <= 30 s, no-op rerun <= 10 s, (d) <= 5 %. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pstats
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                             *GREEDY)
         rows.append((f"dry run `-n all --quiet --rerun-triggers mtime`, {n} slides, {n_shards} shards", wall,
                      "goal <= 30 s"))
+        if importlib.util.find_spec("snakemake_executor_plugin_slurm"):  # what a cluster user runs
+            wall, _ = snakemake(out / f"dry{n}-sharded", cfg_sh, "-n", "all", "--profile", str(ROOT / "profiles/slurm"))
+            rows.append((f"dry run `-n all --profile profiles/slurm`, {n} slides, {n_shards} shards", wall,
+                         "groups, greedy; goal <= 30 s"))
 
     cfg = cohort(base, args.n_run, out / f"cohort{args.n_run}")
     run = out / f"run{args.n_run}"
