@@ -11,6 +11,7 @@ cannot be decoded) and a message; train_mil leaves it out.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -218,5 +219,5 @@ def cli_shard(argv: list[str] | None = None) -> int:
     for slide, slide_rows in rows.items():
         out = a.feature_dir / f"{slide}.pt"
         payload = {"step": "features", **params, "rows": sorted(r["fingerprint"] for r in slide_rows)}
-        items.append(shards.Item(slide, payload, [out], lambda s=slide, r=slide_rows, o=out: extractor(s, r, o)))
+        items.append(shards.Item(slide, payload, [out], functools.partial(extractor, slide, slide_rows, out)))
     return shards.run("features", items, a.done_dir, a.out)

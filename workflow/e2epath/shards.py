@@ -66,10 +66,6 @@ class Item:
     work: Callable[[], dict[str, Any]]  # writes the outputs, returns the slide's record
 
 
-def by_slide(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {r["slide_id"]: r for r in records}
-
-
 def run(step: str, items: list[Item], done_dir: Path, out: Path) -> int:
     """Run the items not up to date, then write the shard table ``out``.
 

@@ -102,11 +102,16 @@ def method_rows(wildcards):
     return patch_rows(magnifications_used(method_spec(wildcards)))
 
 
+def per_unit(per_slide, per_shard, **wildcards):
+    """Per-slide files, or with preprocess.shards the per-shard tables that list them."""
+    if SHARDS:
+        return expand(per_shard, shard=SHARDS, **wildcards)
+    return expand(per_slide, slide=SLIDES, **wildcards)
+
+
 @functools.cache
 def _patch_rows(mags):
-    if SHARDS:
-        return expand("results/shards/patches/{mag}x/{shard}.json", mag=mags, shard=SHARDS)
-    return expand("results/patches/{mag}x/{slide}.json", mag=mags, slide=SLIDES)
+    return per_unit("results/patches/{mag}x/{slide}.json", "results/shards/patches/{mag}x/{shard}.json", mag=mags)
 
 
 def patch_rows(mags):
@@ -116,9 +121,7 @@ def patch_rows(mags):
 
 
 def qc_records():
-    if SHARDS:
-        return expand("results/shards/qc/{shard}.json", shard=SHARDS)
-    return expand("results/slides/{slide}.json", slide=SLIDES)
+    return per_unit("results/slides/{slide}.json", "results/shards/qc/{shard}.json")
 
 
 def thumbs():

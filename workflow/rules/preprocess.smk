@@ -107,7 +107,7 @@ else:
 
     rule slide_qc_shard:
         input:
-            paths=lambda w: list(SAMPLES.loc[SHARDS[w.shard], "path"]),
+            paths=shard_column("path"),
         output:
             out="results/shards/qc/{shard}.json",
         params:

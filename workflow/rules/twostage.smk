@@ -1,12 +1,9 @@
 # Two-stage baseline: frozen-encoder features per slide, then MIL on full bags, same splits.
 
 TS = config["twostage"]
-if SHARDS:
-    TS_FEATURES = expand("results/shards/features/{encoder}/{mag}x/{shard}.json", encoder=TS["encoder"],
-                         mag=TS["magnification"], shard=SHARDS)
-else:
-    TS_FEATURES = expand("results/features/{encoder}/{mag}x/{slide}.pt", encoder=TS["encoder"],
-                         mag=TS["magnification"], slide=SLIDES)
+TS_FEATURES = per_unit("results/features/{encoder}/{mag}x/{slide}.pt",
+                       "results/shards/features/{encoder}/{mag}x/{shard}.json",
+                       encoder=TS["encoder"], mag=TS["magnification"])
 
 
 if not SHARDS:

@@ -15,6 +15,7 @@ holds only its meta.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -295,7 +296,7 @@ def cli_shard(argv: list[str] | None = None) -> int:
     p.add_argument("--done-dir", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     a = _parse(p, argv)
-    tissue = shards.by_slide(read_records([a.tissue]))
+    tissue = {r["slide_id"]: r for r in read_records([a.tissue])}
     # what the stores depend on; --threads and --window-px change only how fast they are written
     params = {k: getattr(a, k) for k in ("magnification", "patch_size", "min_tissue", "tolerance",
                                          "allow_upsample", "jpeg_quality")}
@@ -307,8 +308,8 @@ def cli_shard(argv: list[str] | None = None) -> int:
             p.error(f"{a.tissue} has no record of slide {sid}; rerun its tissue shard")
         lmdb_out, row_out = a.lmdb_dir / f"{sid}.lmdb", a.row_dir / f"{sid}.json"
         payload = {"step": "patch", **params, "qc": qc["fingerprint"], "tissue": seg["fingerprint"]}
-        items.append(shards.Item(sid, payload, [lmdb_out, row_out], lambda qc=qc, seg=seg, lm=lmdb_out, ro=row_out:
-                                 patch_to_files(qc, Path(seg["mask"]), Path(seg["geojson"]), a, lm, ro)))
+        work = functools.partial(patch_to_files, qc, Path(seg["mask"]), Path(seg["geojson"]), a, lmdb_out, row_out)
+        items.append(shards.Item(sid, payload, [lmdb_out, row_out], work))
     return shards.run("patch", items, a.done_dir, a.out)
 
 

@@ -12,6 +12,7 @@ Outputs (CONTRACTS.md): mask PNG (0/255 at ``seg_mpp``), GeoJSON FeatureCollecti
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, replace
@@ -305,5 +306,5 @@ def cli_shard(argv: list[str] | None = None) -> int:
                  "thumb": a.thumb_dir / f"{sid}.png"}
         payload = {"step": "tissue", "params": asdict(params), "preset": a.preset, "thumb_size": a.thumb_size,
                    "qc": qc["fingerprint"]}
-        items.append(shards.Item(sid, payload, list(paths.values()), lambda qc=qc, paths=paths: work(qc, paths)))
+        items.append(shards.Item(sid, payload, list(paths.values()), functools.partial(work, qc, paths)))
     return shards.run("tissue", items, a.done_dir, a.out)
