@@ -7,7 +7,8 @@ One process, CPU, torch.set_num_threads(2). A real LMDB store of ``--n`` JPEG pa
 random textures, quality 90) is written to a temporary folder. Measured, interleaved over
 ``--rounds`` rounds (median reported):
 
-- forward: the frozen encoder on pre-decoded, pre-normalised tensors, same batch size;
+- forward: the frozen encoder on pre-decoded, pre-resized, pre-normalised tensors (made once by
+  `transforms.model_inputs`, as the pipeline makes them), same batch size;
 - extract, workers=0: `features.extract` decoding each batch inline;
 - extract, workers=W: `features.extract` decoding the next batches in W background threads.
 
@@ -35,8 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from e2epath import features  # noqa: E402
-from e2epath.data import resize, to_tensor  # noqa: E402
-from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg  # noqa: E402
+from e2epath.store import LmdbReader, LmdbWriter, encode_jpeg  # noqa: E402
+from e2epath.transforms import model_inputs  # noqa: E402
 
 GOAL = 0.15
 
@@ -81,8 +82,8 @@ def main() -> None:
     encoder = features.build_frozen_encoder(a.encoder, None, 0, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(Path(tmp) / "bench.lmdb", a.n, a.patch_size)
-        decoded = [to_tensor(np.stack([resize(store.get_rgb(i), a.input_size)
-                                       for i in range(s, min(s + a.batch_size, a.n))]))
+        decoded = [model_inputs(torch.from_numpy(np.stack([store.get_rgb(i) for i in
+                                                           range(s, min(s + a.batch_size, a.n))])), a.input_size)
                    for s in range(0, a.n, a.batch_size)]
         runs = {"forward (pre-decoded)": lambda: forward_only(encoder, decoded)}
         for w in sorted({0, a.workers}):

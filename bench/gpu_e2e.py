@@ -1,7 +1,7 @@
 """E2E training-step throughput: ResNet trunk + ABMILX on one bag of sampled patches per step.
 
 Runs the production step (`train.loop.train_epoch` on `train.e2e.E2EModel`, device-side
-RandomResizedCrop + flips + normalisation from `data.resized_crops`, AMP + channels_last on CUDA)
+RandomResizedCrop + flips + normalisation from `transforms.resized_crops`, AMP + channels_last on CUDA)
 on synthetic uint8 bags, so it needs no results/ and no data. Prints train patches/s per encoder
 and, on CUDA, the ratio to the same step in fp32 without AMP (the baseline,
 measured in the same run). Goal on one H200: ≥ 5,300 train patches/s for ResNet-18.
@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from e2epath.data import resized_crops
+from e2epath.transforms import resized_crops
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.train.e2e import E2EModel
 from e2epath.train.loop import build_optimizer, train_epoch

@@ -2,7 +2,7 @@
 
 The training dataset (`MultiScaleBagDataset`) adds sampling, RGB decode into one uint8 bag array
 and crop boxes (the crop / flip / resize itself runs batched on the training device, see
-`data.resized_crops`); the baseline only gets and decodes each sampled key. A second floor,
+`transforms.resized_crops`); the baseline only gets and decodes each sampled key. A second floor,
 "raw into fresh bag arrays", also copies each decoded patch into a newly allocated bag, which any
 loader must do: it separates the cost of fresh memory (page faults; expensive in some sandboxes
 and VMs) from the dataset's own overhead. Everything is timed in the same run, per worker (one
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from e2epath.data import Bag, MultiScaleBagDataset, collate_bags
-from e2epath.preprocess.store import (
+from e2epath.store import (
     LmdbReader,
     LmdbWriter,
     close_all,

@@ -28,7 +28,7 @@ import numpy as np
 from e2epath import slide as sl
 from e2epath import slidewriter as sw
 from e2epath.preprocess import patching, qc, tissue
-from e2epath.preprocess.store import LmdbWriter, encode_jpeg
+from e2epath.store import LmdbWriter, encode_jpeg
 
 PATCH = 256
 MAGS = (40, 20, 10, 5)
@@ -70,7 +70,7 @@ def write_cohort(d: Path, scale: float) -> list[dict]:
             sw.write_generic_tiff(path, img, mpp=mpp, downsamples=(1, 2, 4, 8))
         del img
         rec = qc.slide_qc(sid, sid, path)
-        _, mask, props = tissue.segment_slide(rec, tissue.PRESETS["resection"])
+        _, mask, props = tissue.segment_slide(rec, tissue.tissue_params("resection", seg_mpp=8.0))
         slides.append({"qc": rec, "mask": mask, "tissue": props})
     return slides
 
@@ -78,7 +78,8 @@ def write_cohort(d: Path, scale: float) -> list[dict]:
 def kept(entry: dict, mag: int) -> tuple[patching.PatchPlan, np.ndarray, np.ndarray] | None:
     rec = entry["qc"]
     try:
-        plan = patching.plan_patches(rec["level_downsamples"], rec["level_dimensions"], rec["mpp"], mag, PATCH)
+        plan = patching.plan_patches(rec["level_downsamples"], rec["level_dimensions"], rec["mpp"], mag, PATCH,
+                                     tolerance=0.1, allow_upsample=False)
     except sl.ResolutionUnavailable:
         return None
     frac = patching.tissue_fractions(entry["mask"], entry["tissue"]["mask_downsample"], plan)

@@ -2,36 +2,21 @@
 with a message naming the file, the row or key, and what to do."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 from e2epath import sheets
+from helpers import ROOT, write_sheet_cohort
 
-ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def write_cohort(d: Path, rows=None, subtype=None, survival=None) -> dict:
-    """A valid small cohort (placeholder slide files suffice: validation checks existence)."""
-    (d / "slides").mkdir(parents=True, exist_ok=True)
-    rows = rows if rows is not None else [("S1", "slides/S1.svs", "C1"), ("S2", "slides/S2.svs", "C1"),
-                                          ("S3", "slides/S3.svs", "C2")]
-    for _, path, _ in rows:
-        if path:
-            (d / path).parent.mkdir(parents=True, exist_ok=True)
-            (d / path).write_bytes(b"x")
-    sheet = "slide_id\tpath\tcase_id\n" + "".join(f"{s}\t{p}\t{c}\n" for s, p, c in rows)
-    (d / "slides.tsv").write_text(sheet)
-    (d / "subtype.csv").write_text(subtype if subtype is not None else "case_id,label\nC1,a\nC2,b\n")
-    (d / "surv.csv").write_text(survival if survival is not None else "case_id,time,event\nC1,10.5,1\nC2,3,0\n")
-    return {"samples": str(d / "slides.tsv"),
-            "tasks": {"subtype": {"type": "classification", "labels": str(d / "subtype.csv")},
-                      "surv": {"type": "survival", "labels": str(d / "surv.csv")}},
-            "e2e": {"methods": {"m": {"encoder": "resnet18", "aggregator": "abmilx"}}}}
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
@@ -42,8 +27,9 @@ def dry_run(tmp_path: Path, config: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.workflow
 def test_valid_cohort_dry_run_lists_jobs(tmp_path):
-    res = dry_run(tmp_path, write_cohort(tmp_path / "in"))
+    res = dry_run(tmp_path, write_sheet_cohort(tmp_path / "in"))
     assert res.returncode == 0, res.stderr
     assert "slide_qc" in res.stdout and "train_e2e" in res.stdout
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
@@ -54,13 +40,15 @@ def test_valid_cohort_dry_run_lists_jobs(tmp_path):
     (lambda c: c["tasks"]["subtype"].update(typo=1), "typo"),
     (lambda c: c["tasks"]["subtype"].update(type="regression"), "regression"),
 ])
-def test_bad_config_keys_fail_before_any_job(tmp_path, mutate, expected):
-    config = write_cohort(tmp_path / "in")
+def test_bad_config_keys_fail_validation(tmp_path, mutate, expected):
+    """The Snakefile validates the config against the schema before anything else (common.smk);
+    Snakemake's own `validate`, in-process, is what it calls."""
+    config = write_sheet_cohort(tmp_path / "in")
+    validate(json.loads(json.dumps(config)), SCHEMA)  # the unmodified config is valid
     mutate(config)
-    res = dry_run(tmp_path, config)
-    assert res.returncode != 0
-    assert expected in res.stdout + res.stderr
-    assert not (tmp_path / "results").exists()
+    with pytest.raises(WorkflowError) as err:
+        validate(config, SCHEMA)
+    assert expected in str(err.value)
 
 
 BROKEN = {
@@ -80,7 +68,7 @@ BROKEN = {
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_sheets_are_reported_by_validate(tmp_path, case):
     kwargs, expected = BROKEN[case]
-    config = write_cohort(tmp_path, **kwargs)
+    config = write_sheet_cohort(tmp_path, **kwargs)
     with pytest.raises(sheets.SheetError) as err:
         sheets.validate_all(config)
     for text in expected:
@@ -88,14 +76,15 @@ def test_broken_sheets_are_reported_by_validate(tmp_path, case):
 
 
 def test_missing_slide_file_names_path(tmp_path):
-    config = write_cohort(tmp_path)
+    config = write_sheet_cohort(tmp_path)
     (tmp_path / "slides" / "S2.svs").unlink()
     with pytest.raises(sheets.SheetError, match=r"row 3: slide file .*S2.svs of 'S2' does not exist"):
         sheets.validate_all(config)
 
 
+@pytest.mark.workflow
 def test_broken_sheet_fails_snakemake_before_any_job(tmp_path):
-    config = write_cohort(tmp_path / "in", subtype="case_id,label\nC1,a\nC2,b\nC9,a\n")
+    config = write_sheet_cohort(tmp_path / "in", subtype="case_id,label\nC1,a\nC2,b\nC9,a\n")
     res = dry_run(tmp_path, config)
     assert res.returncode != 0
     assert "'C9' has no slide in the sample sheet" in res.stdout + res.stderr
@@ -103,13 +92,13 @@ def test_broken_sheet_fails_snakemake_before_any_job(tmp_path):
 
 
 def test_paths_are_relative_to_the_sheet(tmp_path):
-    config = write_cohort(tmp_path / "deep" / "cohort")
+    config = write_sheet_cohort(tmp_path / "deep" / "cohort")
     samples = sheets.validate_all(config)
     assert Path(samples.loc[0, "path"]) == (tmp_path / "deep" / "cohort" / "slides" / "S1.svs").resolve()
 
 
 def test_sheet_mpp_must_be_positive(tmp_path):
-    config = write_cohort(tmp_path)
+    config = write_sheet_cohort(tmp_path)
     text = (tmp_path / "slides.tsv").read_text().splitlines()
     text = [text[0] + "\tmpp"] + [text[1] + "\t0.25", text[2] + "\t-1", text[3] + "\t"]
     (tmp_path / "slides.tsv").write_text("\n".join(text) + "\n")

@@ -1,102 +1,28 @@
-"""Bag datasets on real LMDB stores written with `LmdbWriter` (tiny 32-px synthetic patches).
-
-`write_cohort` is shared with test_train.py: a small cohort of cases → slides → stores at two
-magnifications, with manifest rows, a sample sheet and label tables, as the workflow writes them.
-"""
+"""Bag datasets on real LMDB stores written with `LmdbWriter` (tiny 32-px synthetic patches; the
+cohort writer is tests/helpers.py's, shared with test_train.py)."""
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from e2epath.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Bag,
-    MultiScaleBagDataset,
-    balanced_order,
-    crop_boxes,
-    full_boxes,
-    iter_full_bag,
-    load_bags,
-    normalize,
-    resized_crops,
-    scale_counts,
-)
-from e2epath.io import write_json
-from e2epath.preprocess.store import (
-    LmdbReader,
-    LmdbWriter,
-    encode_jpeg,
-    write_empty_store,
-)
 from torch.utils.data import DataLoader
 
+from e2epath.data import Bag, MultiScaleBagDataset, iter_full_bag, load_bags, scale_counts
+from e2epath.store import LmdbReader, LmdbWriter
+from e2epath.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_boxes, full_boxes, normalize, resized_crops
+from helpers import write_store, write_store_cohort
+
 PATCH = 32
-
-
-def patch_image(rng: np.random.Generator, positive: bool, signal: bool) -> np.ndarray:
-    """A noisy pink patch; signal patches of positive cases are dark purple."""
-    base = np.array([48, 18, 92] if positive and signal else [234, 158, 196], np.float32)
-    img = base + rng.normal(0, 12, (PATCH, PATCH, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def write_store(path: Path, slide: str, mag: int, images: list[np.ndarray]) -> None:
-    meta = {"slide_id": slide, "magnification": mag, "mpp": 10 / mag, "patch_size": PATCH, "status": "ok",
-            "message": None}
-    with LmdbWriter(path, capacity_bytes=1 << 22) as writer:
-        for i, img in enumerate(images):
-            writer.add(encode_jpeg(img, 95), (i * PATCH, 0), 1.0)
-        writer.close(meta)
-
-
-def write_cohort(root: Path, n_cases: int = 12, mags=(10, 20), sizes=None, failed=(), seed: int = 0) -> dict:
-    """Cases CASE-00..; even cases negative; case 1 has two slides; ``failed`` cases' stores failed.
-
-    ``sizes``: {(case index, mag): n_patches} overrides the default 6 (10x) / 12 (20x) per slide.
-    Returns paths: slides (sheet), labels, survival, rows (manifest row JSON paths), cases.
-    """
-    rng = np.random.default_rng(seed)
-    sheet, rows, labels, surv = [], [], [], []
-    for c in range(n_cases):
-        case, positive = f"CASE-{c:02d}", c % 2 == 1
-        labels.append((case, "positive" if positive else "negative"))
-        surv.append((case, float(10 + 7 * c % 50), int(c % 3 != 0)))
-        for s in range(2 if c == 1 else 1):
-            slide = f"S{c:02d}{s}"
-            sheet.append((slide, f"slides/{slide}.svs", case))
-            for mag in mags:
-                lmdb = root / f"results/lmdb/{mag}x/{slide}.lmdb"
-                n = (sizes or {}).get((c, mag), 6 if mag == 10 else 12)
-                if case in failed:
-                    meta = {"slide_id": slide, "magnification": mag, "status": "failed", "message": "unreadable"}
-                    write_empty_store(lmdb, meta)
-                    row_status, n = "failed", 0
-                else:
-                    write_store(lmdb, slide, mag, [patch_image(rng, positive, i % 3 == 0) for i in range(n)])
-                    row_status = "ok"
-                row = root / f"results/patches/{mag}x/{slide}.json"
-                write_json(row, {"slide_id": slide, "magnification": mag, "status": row_status, "n_patches": n,
-                                 "lmdb": str(lmdb), "mpp": 10 / mag, "read_level": 0, "read_downsample": 1.0,
-                                 "message": "unreadable" if row_status == "failed" else None})
-                rows.append(row)
-    paths = {"slides": root / "slides.tsv", "labels": root / "labels.csv", "survival": root / "survival.csv"}
-    pd.DataFrame(sheet, columns=["slide_id", "path", "case_id"]).to_csv(paths["slides"], sep="\t", index=False)
-    pd.DataFrame(labels, columns=["case_id", "label"]).to_csv(paths["labels"], index=False)
-    pd.DataFrame(surv, columns=["case_id", "time", "event"]).to_csv(paths["survival"], index=False)
-    return {**paths, "rows": rows, "cases": [c for c, _ in labels]}
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cohort")
     sizes = {(2, 20): 3, (3, 10): 0}  # case 2: too few 20x patches; case 3: no 10x patches
-    return write_cohort(root, n_cases=6, sizes=sizes, failed=("CASE-05",))
+    return write_store_cohort(root, n_cases=6, sizes=sizes, failed=("CASE-05",))
 
 
 def dataset_of(cohort, n_instances=10, ratios=(0.3, 0.7), seed=0, input_size=PATCH) -> MultiScaleBagDataset:
@@ -159,8 +85,8 @@ def test_draws_are_seeded_by_seed_epoch_and_position(cohort):
 def test_items_are_rgb_uint8_with_crop_boxes(cohort, tmp_path):
     red = np.zeros((PATCH, PATCH, 3), np.uint8)
     red[..., 0] = 255
-    write_store(tmp_path / "red.lmdb", "RED", 10, [red] * 4)
-    bag = Bag("RED", ["RED"], {10: [LmdbReader(tmp_path / "red.lmdb")]})
+    write_store(tmp_path, "RED", 10, [red] * 4)
+    bag = Bag("RED", ["RED"], {10: [LmdbReader(tmp_path / "lmdb/10x/RED.lmdb")]})
     ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 4, [10], [1.0], 24, seed=0)
     x, boxes, _, _ = ds[0]
     assert x.dtype == torch.uint8 and x.shape == (4, PATCH, PATCH, 3)  # stored size; resized on the device
@@ -236,15 +162,6 @@ def test_full_bag_yields_every_patch_once_with_coords(cohort):
     assert torch.equal(chunks[0][2][0], torch.from_numpy(first))
 
 
-def test_balanced_order_oversamples_minority():
-    strata = np.array([0] * 7 + [1] * 2)
-    order = balanced_order(strata, np.random.default_rng(0), oversample=True)
-    assert Counter(strata[order].tolist()) == {0: 7, 1: 7}
-    assert set(order[strata[order] == 1]) == {7, 8}
-    plain = balanced_order(strata, np.random.default_rng(0), oversample=False)
-    assert sorted(plain.tolist()) == list(range(9))
-
-
 def test_bad_sampling_config_is_a_clear_error(cohort):
     with pytest.raises(ValueError, match="ratios"):
         dataset_of(cohort, ratios=(0.5, 0.6))
@@ -259,3 +176,18 @@ def test_a_corrupt_patch_is_a_clear_error(tmp_path):
     ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 2, [10], [1.0], 16, seed=0)
     with pytest.raises(ValueError, match=r"bad\.lmdb patch 0: .*re-run its patch job"):
         ds[0]
+
+
+def test_stores_of_different_patch_sizes_in_one_bag_are_an_error(tmp_path):
+    """Every store of a run has preprocess.patch_size: a bag mixing sizes says which store and what to do."""
+    rng = np.random.default_rng(0)
+    write_store(tmp_path, "A", 10, [patch_image_of(rng, 32)] * 3)
+    write_store(tmp_path, "A", 20, [patch_image_of(rng, 48)] * 3)
+    bag = Bag("C", ["A"], {m: [LmdbReader(tmp_path / f"lmdb/{m}x/A.lmdb")] for m in (10, 20)})
+    ds = MultiScaleBagDataset([bag], [torch.tensor(0)], 4, [10, 20], [0.5, 0.5], 32, seed=0)
+    with pytest.raises(ValueError, match=r"case C: .*20x/A\.lmdb holds 48-px patches.*rerun its patch jobs"):
+        ds[0]
+
+
+def patch_image_of(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -8,7 +8,6 @@ What the Snakefile itself imports at parse time (snakemake, jsonschema) runs in 
 """
 from __future__ import annotations
 
-import ast
 import re
 import sys
 from dataclasses import dataclass
@@ -17,9 +16,8 @@ from pathlib import Path
 import yaml
 
 from e2epath.__main__ import STEPS
+from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIR = ROOT / "workflow" / "e2epath"
 STEP_SCRIPT = ROOT / "workflow" / "scripts" / "step.py"
 
 # import name → conda-forge package name (identity when absent)
@@ -64,50 +62,6 @@ def parse_rules(text: str) -> list[Rule]:
         rules.append(Rule(m[2], Path(env[1]).name if env else None, step[1] if step else None,
                           Path(script[1]).name if script else None))
     return rules
-
-
-def module_path(name: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
-    """File of module ``e2epath.x.y`` (a module or a package's __init__), None if it is no module."""
-    parts = name.split(".")[1:]
-    base = package_dir.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _guards_import_error(handler: ast.ExceptHandler) -> bool:
-    names = [] if handler.type is None else (
-        handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type])
-    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError") for n in names)
-
-
-def imported_names(path: Path, module: str | None) -> set[str]:
-    """Absolute names imported anywhere in ``path`` (``module`` resolves relative imports),
-    leaving out imports inside `try` blocks that catch ImportError."""
-    tree = ast.parse(path.read_text(), str(path))
-    optional: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(_guards_import_error(h) for h in node.handlers):
-            optional |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    is_package = path.name == "__init__.py"
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in optional:
-            continue
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = (module or "").split(".")
-                anchor = parts if is_package else parts[:-1]
-                anchor = anchor[:len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            else:
-                base = node.module
-            names.add(base)
-            names |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import submodule`
-    return names
 
 
 def third_party_imports(roots: list[tuple[Path, str | None]], package_dir: Path = PACKAGE_DIR) -> set[str]:
@@ -211,7 +165,7 @@ def test_imports_are_followed_through_the_package():
     features = third_party_imports([(module_path("e2epath.features"), "e2epath.features")])
     assert {"torch", "torchvision", "cv2", "lmdb", "numpy", "tqdm"} <= features  # torchvision via models
     devices = third_party_imports([(STEP_SCRIPT, None)])
-    assert "torch" not in devices  # devices.py imports torch only under `except ImportError`
+    assert "torch" not in devices  # devices.torch_device imports torch only under `except ImportError`
 
 
 def test_the_checker_finds_a_missing_and_an_unused_package(tmp_path):

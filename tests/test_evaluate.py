@@ -11,9 +11,11 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
                              roc_auc_score)
 
+from e2epath import metrics as m
 from e2epath.evaluate import bootstrap as bs
-from e2epath.evaluate import metrics as m
+from e2epath.evaluate import evaluation as ev
 from e2epath.evaluate import tables
+from helpers import write_run
 
 TIGHT = dict(rtol=0, atol=1e-12)
 
@@ -164,19 +166,18 @@ def test_stratified_c_index_compares_pairs_within_folds_only(seed):
 def test_pooled_c_index_is_taken_within_test_folds(tmp_path):
     """Two folds, each ranked perfectly by its own model, on offset risk scales: pooled C = 1."""
     rng = np.random.default_rng(0)
-    files = []
+    runs = []
     for fold, offset in ((0, 0.0), (1, 500.0)):  # fold 1: later times, yet higher risks
         time = rng.permutation(np.arange(1.0, 21.0)) + 100 * fold
         df = pd.DataFrame({"case_id": [f"f{fold}c{i:02d}" for i in range(20)], "time": time,
                            "event": 1, "risk": offset - time})
         for method in ("good", "flat"):
-            path = tmp_path / "results" / "e2e" / "os" / method / f"fold{fold}" / "predictions.tsv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            df.assign(risk=df["risk"] if method == "good" else 0.0).to_csv(path, sep="\t", index=False)
-            files.append(bs.parse_pred_path(path))
-    pooled_plain = pd.concat([pd.read_csv(f.path, sep="\t") for f in files if f.method == "good"])
-    assert m.c_index(pooled_plain["time"], pooled_plain["event"], pooled_plain["risk"]) < 0.5  # cross-fold pairs are all discordant
-    metrics, paired = bs.evaluate(files, "os", "survival", n_boot=50, seed=0, reference="flat")
+            runs.append(write_run(tmp_path, "e2e", "os", "survival", method, fold,
+                                  df.assign(risk=df["risk"] if method == "good" else 0.0)))
+    pooled_plain = pd.concat([pd.read_csv(r.path("predictions"), sep="\t") for r in runs if r.method == "good"])
+    # cross-fold pairs are all discordant
+    assert m.c_index(pooled_plain["time"], pooled_plain["event"], pooled_plain["risk"]) < 0.5
+    metrics, paired = ev.evaluate(runs, "survival", n_boot=50, seed=0, reference="flat")
     pooled = metrics[(metrics["fold"] == "pooled")].set_index("method")["point"]
     assert pooled["good"] == 1.0 and pooled["flat"] == 0.5
     assert np.isclose(paired.set_index("method").loc["good", "diff_point"], 0.5)
@@ -284,7 +285,7 @@ def test_pooled_resamples_stay_within_their_folds():
     assert np.isclose(iv.mean, np.nanmean(values), **TIGHT)  # bootstrap() used the within-fold resamples
     moved = m.prepare("survival", df.assign(fold=np.roll(strata, 1)), strata="fold")
     with pytest.raises(ValueError, match="different test folds"):
-        bs.paired_bootstrap(pooled, moved, n_boot=10)
+        bs.paired_bootstrap(pooled, moved, n_boot=10, seed=0)
 
 
 def test_paired_bootstrap():
@@ -310,42 +311,38 @@ def test_paired_bootstrap():
     tails = ((d <= 0).sum() + 1) / 201, ((d >= 0).sum() + 1) / 201
     assert np.isclose(diff.p_value, min(1, 2 * min(tails)), **TIGHT)
     with pytest.raises(ValueError, match="same cases"):
-        bs.paired_bootstrap(cg, m.prepare("classification", noise.iloc[:-1]), n_boot=10)
+        bs.paired_bootstrap(cg, m.prepare("classification", noise.iloc[:-1]), n_boot=10, seed=0)
 
 
 # --------------------------------------------------------------------------- command lines
 
-def _write_run(root, task, classes):
-    """Two methods × 2 folds (+ an empty third fold for the E2E one); returns paths and frames."""
+def _write_runs(root, task, classes):
+    """Three methods × 2 folds (+ an empty third fold for the E2E one); returns run.json paths and frames."""
     rng = np.random.default_rng(0)
     full = {"e2e/abmilx_r18": _cls_df(rng, 60, classes, signal=2.5),
             "twostage/abmil_r50": _cls_df(rng, 60, classes, signal=0.5),
             "twostage/trans_mil": _cls_df(rng, 60, classes, signal=1.0)}
-    paths = []
+    runs = []
     for key, df in full.items():
+        family, method = key.split("/")
         for fold, part in enumerate((df.iloc[:25], df.iloc[25:])):
-            p = root / "results" / key.split("/")[0] / task / key.split("/")[1] / f"fold{fold}" / "predictions.tsv"
-            p.parent.mkdir(parents=True)
-            part.to_csv(p, sep="\t", index=False)
-            paths.append(p)
-    empty = root / "results" / "e2e" / task / "abmilx_r18" / "fold2" / "predictions.tsv"
-    empty.parent.mkdir(parents=True)
-    full["e2e/abmilx_r18"].iloc[:0].to_csv(empty, sep="\t", index=False)
-    return paths + [empty], full
+            runs.append(write_run(root, family, task, "classification", method, fold, part))
+    runs.append(write_run(root, "e2e", task, "classification", "abmilx_r18", 2, full["e2e/abmilx_r18"].iloc[:0]))
+    return [r.path("run") for r in runs], full
 
 
 def test_evaluate_and_tables_cli(tmp_path, caplog):
     task, classes = "brca_subtype", ["IDC", "ILC"]
-    paths, full = _write_run(tmp_path, task, classes)
+    paths, full = _write_runs(tmp_path, task, classes)
     out, paired_out = tmp_path / "metrics" / f"{task}.tsv", tmp_path / "metrics" / f"{task}_paired.tsv"
     argv = ["--task", task, "--task-type", "classification", "--n-boot", "100", "--seed", "0",
-            "--out", str(out), "--paired-out", str(paired_out)] + [str(p) for p in paths]
+            "--out", str(out), "--paired-out", str(paired_out), "--runs", *map(str, paths)]
     with caplog.at_level(logging.INFO):
-        assert bs.cli(argv) == 0
+        assert ev.cli(argv) == 0
     assert any("fold2" in r.getMessage() and "no rows" in r.getMessage() for r in caplog.records)
 
     res = pd.read_csv(out, sep="\t", dtype={"fold": str})
-    assert list(res.columns) == bs.COLUMNS
+    assert list(res.columns) == ev.COLUMNS
     assert set(res["fold"]) == {"0", "1", "pooled"}  # the empty fold 2 is skipped
     assert set(res["family"]) == {"e2e", "twostage"}
     pooled = res[(res["fold"] == "pooled") & (res["method"] == "abmilx_r18")].set_index("metric")
@@ -358,7 +355,7 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     assert (res[res["fold"] == "0"]["n_cases"] == 25).all()
 
     paired = pd.read_csv(paired_out, sep="\t")
-    assert list(paired.columns) == bs.PAIRED_COLUMNS
+    assert list(paired.columns) == ev.PAIRED_COLUMNS
     # default reference: the better two-stage method by pooled AUC
     ts = res[(res["fold"] == "pooled") & (res["family"] == "twostage") & (res["metric"] == "auc")]
     best_ts = ts.sort_values("point")["method"].iloc[-1]
@@ -366,8 +363,12 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     assert set(paired["method"]) == {"abmilx_r18", "abmil_r50", "trans_mil"} - {best_ts}
     assert (paired["fold"] == "pooled").all() and (paired["p_value"] <= 1).all()
 
-    # an unknown reference is an argument error, not a traceback
-    assert bs.cli(argv + ["--reference", "nope"]) == 2
+    # an unknown reference is an argument error, not a traceback; so is a run of another task
+    assert ev.cli(argv + ["--reference", "nope"]) == 2
+    other = write_run(tmp_path / "other", "e2e", "other_task", "classification", "x", 0, full["e2e/abmilx_r18"])
+    with caplog.at_level(logging.ERROR):
+        assert ev.cli(argv[:-1] + [str(other.path("run"))]) == 2
+    assert "belongs to task 'other_task'" in caplog.text
 
     md, tex = tmp_path / "tables" / f"{task}.md", tmp_path / "tables" / f"{task}.tex"
     assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex)]) == 0
@@ -389,7 +390,7 @@ def test_tables_bold_ties_and_escape():
     rows = []
     for method, family, mean in (("a_1", "e2e", 0.912), ("b_2", "twostage", 0.9121), ("c%3", "twostage", 0.70)):
         rows.append([method, family, "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05, 50])
-    table = tables.pooled_table(pd.DataFrame(rows, columns=bs.COLUMNS))
+    table = tables.pooled_table(pd.DataFrame(rows, columns=ev.COLUMNS))
     md = tables.to_markdown(table, decimals=1)
     assert "| a_1 | **91.2 [86.2, 96.2]** |" in md and "| b_2 | **91.2" in md  # tie at shown precision
     assert "| c%3 | 70.0 [65.0, 75.0] |" in md

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torchvision
 
+import helpers
 from e2epath import features
-from e2epath.io import write_json
-from e2epath.preprocess.store import LmdbReader, LmdbWriter, close_all, write_empty_store
+from e2epath.store import LmdbReader, close_all
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PATCH, INPUT = 48, 32  # stored patch px, encoder input px (so the resize is exercised)
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -38,37 +38,21 @@ def textured_patches(n: int, seed: int) -> list[np.ndarray]:
 
 def write_store(folder: Path, slide: str, mag: int, patches: list[np.ndarray], status: str = "ok",
                 message: str = "") -> Path:
-    """A store + its manifest row; returns the row's path."""
-    lmdb_path = folder / f"lmdb/{mag}x/{slide}.lmdb"
-    meta = {"slide_id": slide, "magnification": mag, "mpp": 10 / mag, "slide_mpp": 0.25, "patch_size": PATCH,
-            "read_level": 0, "read_downsample": 1.0, "read_mpp": 0.25, "scale": 1.0, "jpeg_quality": 90,
-            "status": status, "message": message}
-    if status == "ok":
-        with LmdbWriter(lmdb_path, capacity_bytes=1 << 22) as w:
-            for i, rgb in enumerate(patches):
-                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-                assert ok
-                w.add(buf.tobytes(), (i * 1000 + mag, i * 7), 1.0)
-            w.close(meta)
-    else:
-        write_empty_store(lmdb_path, meta)
-    row = folder / f"patches/{mag}x/{slide}.json"
-    write_json(row, {"slide_id": slide, "magnification": mag, "status": status,
-                     "n_patches": len(patches) if status == "ok" else 0, "lmdb": str(lmdb_path),
-                     "mpp": 10 / mag, "read_level": 0, "read_downsample": 1.0, "message": message})
-    return row
+    """A store + its manifest row (tests/helpers.py); patches 1000 level-0 px apart."""
+    return helpers.write_store(folder, slide, mag, patches, status, message, x_step=1000)
 
 
 def run(rows: list[Path], out: Path, *extra: str, encoder: str = "resnet18", mag: int = 20,
         weights: str = "None") -> dict:
     argv = ["--rows", *map(str, rows), "--out", str(out), "--encoder", encoder, "--magnification", str(mag),
-            "--weights", weights, "--input-size", str(INPUT), "--batch-size", "8", "--seed", "3", *extra]
+            "--weights", weights, "--input-size", str(INPUT), "--batch-size", "8", "--seed", "3", "--workers", "2",
+            *extra]
     assert features.cli(argv) == 0
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
 def decode_store(path: Path, n: int) -> np.ndarray:
-    """The store's patches, decoded here: uint8 [n, INPUT, INPUT, 3]."""
+    """The store's patches, decoded here: uint8 [n, PATCH, PATCH, 3], and their coords."""
     close_all()  # py-lmdb opens a file once per process
     env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
     with env.begin() as txn:
@@ -76,15 +60,18 @@ def decode_store(path: Path, n: int) -> np.ndarray:
                             cv2.COLOR_BGR2RGB) for i in range(n)]
         coords = np.frombuffer(txn.get(b"__coords__"), "<i4").reshape(-1, 2)
     env.close()
-    return np.stack([cv2.resize(x, (INPUT, INPUT), interpolation=cv2.INTER_AREA) for x in rgb]), coords
+    return np.stack(rgb), coords
 
 
 @torch.no_grad()
 def torchvision_trunk(arch: str, state: dict, rgb: np.ndarray) -> torch.Tensor:
+    """conv1 … layer3 + average pooling of a torchvision ResNet on ``rgb`` normalised with ImageNet
+    statistics and resized to INPUT px by torch's own bilinear interpolation."""
     net = getattr(torchvision.models, arch)(weights=None)
     net.load_state_dict(state, strict=False)
     net.eval()
     x = torch.from_numpy((rgb.astype(np.float32) / 255 - MEAN) / STD).permute(0, 3, 1, 2)
+    x = torch.nn.functional.interpolate(x, size=(INPUT, INPUT), mode="bilinear", align_corners=False)
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     return net.layer3(net.layer2(net.layer1(x))).mean(dim=(2, 3))
 
@@ -119,7 +106,7 @@ def test_random_init_is_the_same_encoder_in_every_job(tmp_path):
     rows = [write_store(tmp_path, s, 20, patches) for s in ("a", "b")]
     cmd = [sys.executable, "-m", "e2epath", "extract_features", "--rows", str(rows[0]), "--out",
            str(tmp_path / "a.pt"), "--encoder", "resnet18", "--magnification", "20", "--weights", "None",
-           "--input-size", str(INPUT), "--batch-size", "4", "--seed", "3"]
+           "--input-size", str(INPUT), "--batch-size", "4", "--seed", "3", "--workers", "2"]
     res = subprocess.run(cmd, cwd=ROOT / "workflow", capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     a = torch.load(tmp_path / "a.pt", weights_only=True)
@@ -178,16 +165,15 @@ def test_a_damaged_patch_fails_the_slide_with_its_index(tmp_path):
 def test_background_decoding_keeps_the_order(tmp_path):
     row = json.loads(write_store(tmp_path, "s", 20, textured_patches(11, seed=4)).read_text())
     store = LmdbReader(row["lmdb"])
-    inline = torch.cat(list(features.PatchBatches(store, INPUT, 3, workers=0)))
-    threaded = torch.cat(list(features.PatchBatches(store, INPUT, 3, workers=3)))
+    inline = torch.cat(list(features.PatchBatches(store, 3, workers=0)))
+    threaded = torch.cat(list(features.PatchBatches(store, 3, workers=3)))
     rgb, _ = decode_store(Path(row["lmdb"]), 11)
-    assert inline.shape == (11, INPUT, INPUT, 3)
+    assert inline.shape == (11, PATCH, PATCH, 3)  # decoded at the stored size; resized on the device
     assert torch.equal(inline, threaded) and np.array_equal(inline.numpy(), rgb)
 
 
 def test_rows_of_different_slides_are_refused(tmp_path):
     rows = [write_store(tmp_path, s, 20, textured_patches(1, seed=0)) for s in ("a", "b")]
     with pytest.raises(SystemExit):
-        features.cli(["--rows", *map(str, rows), "--out", str(tmp_path / "x.pt"), "--encoder", "resnet18",
-                      "--magnification", "20"])
+        run(rows, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()

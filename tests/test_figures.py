@@ -1,9 +1,10 @@
-"""Figures: every figure is written from realistic fixture files (CONTRACTS.md formats, real
+"""Figures: every figure is written from realistic fixture files (docs/contracts.md formats, real
 pyramidal TIFF slides read through OpenSlide); heatmap placement, KM log-rank p and ROC AUC are
 checked against independent computations."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -15,8 +16,9 @@ from lifelines.statistics import logrank_test
 from sklearn.metrics import roc_auc_score
 
 from e2epath.figures import cli_cohort, cli_task, heatmaps, roc, survival
-from e2epath.figures.common import load_by_method, existing_runs
+from e2epath.layout import Run
 from e2epath.slidewriter import write_generic_tiff
+from helpers import write_run
 
 METHODS = [("e2e", "r18_abmilx"), ("e2e", "r18_abmil"), ("twostage", "ts_abmil")]
 FOLDS = (0, 1)
@@ -54,34 +56,26 @@ def _attention(rng, slide_hot: dict[str, int]) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> dict:
-    """Three real generic TIFF slides + their QC JSON."""
+    """Three real generic TIFF slides and their QC table (results/slides.tsv)."""
     root = tmp_path_factory.mktemp("slides")
-    qc_dir = root / "results" / "slides"
-    qc_dir.mkdir(parents=True)
     ids = ["S-a", "S-b", "S-c"]
+    rows = []
     for i, s in enumerate(ids):
         path = write_generic_tiff(root / f"{s}.tif", _slide_rgb(i), mpp=0.5, downsamples=(1, 2, 4))
-        (qc_dir / f"{s}.json").write_text(json.dumps({
-            "slide_id": s, "case_id": s, "path": str(path.resolve()), "status": "ok", "vendor": "generic-tiff",
-            "width": SLIDE_WH[0], "height": SLIDE_WH[1], "level_count": 3, "level_downsamples": [1, 2, 4],
-            "level_dimensions": [[1024, 768], [512, 384], [256, 192]], "mpp": 0.5, "mpp_source": "openslide",
-            "objective_power": None, "error": None}))
+        rows.append({"slide_id": s, "case_id": s, "path": str(path.resolve()), "status": "ok",
+                     "vendor": "generic-tiff", "width": SLIDE_WH[0], "height": SLIDE_WH[1], "level_count": 3,
+                     "mpp": 0.5, "mpp_source": "openslide", "error": None})
+    table = root / "slides.tsv"
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
     hot = {"S-a": 5, "S-b": 40, "S-c": 90}
-    return {"qc_dir": qc_dir, "ids": ids, "hot": hot}
+    return {"table": table, "ids": ids, "hot": hot, "paths": {r["slide_id"]: Path(r["path"]) for r in rows}}
 
 
-def _write_run(root: Path, family: str, task: str, method: str, fold: int, pred: pd.DataFrame,
-               slides: dict | None, rng) -> dict[str, Path]:
-    d = root / "results" / family / task / method / f"fold{fold}"
-    d.mkdir(parents=True)
-    pred.to_csv(d / "predictions.tsv", sep="\t", index=False)
+def _history(rng) -> pd.DataFrame:
     epochs = np.arange(6)
-    pd.DataFrame({"epoch": epochs, "train_loss": 1.0 / (1 + epochs) + rng.uniform(0, 0.05, 6),
-                  "val_metric": 0.5 + 0.05 * epochs + rng.uniform(0, 0.02, 6), "lr": 1e-4,
-                  "seconds": 2.0, "patches_per_s": 100.0}).to_csv(d / "history.tsv", sep="\t", index=False)
-    if slides is not None and fold == 0:
-        np.savez(d / "attention.npz", **_attention(rng, slides["hot"]))
-    return {k: d / f"{k}.{ext}" for k, ext in (("predictions", "tsv"), ("history", "tsv"), ("attention", "npz"))}
+    return pd.DataFrame({"epoch": epochs, "train_loss": 1.0 / (1 + epochs) + rng.uniform(0, 0.05, 6),
+                         "val_metric": 0.5 + 0.05 * epochs + rng.uniform(0, 0.02, 6), "lr": 1e-4,
+                         "seconds": 2.0, "patches_per_s": 100.0})
 
 
 def _classification_pred(fold: int, rng, strength: float) -> pd.DataFrame:
@@ -98,12 +92,12 @@ def _survival_pred(fold: int, rng, strength: float) -> pd.DataFrame:
                          "event": (rng.uniform(size=N_CASES) < 0.7).astype(int), "risk": risk})
 
 
-def _metrics(runs: dict, task_type: str, with_family: bool) -> pd.DataFrame:
+def _metrics(runs: dict, task_type: str) -> pd.DataFrame:
     """A metrics table like evaluate's, point estimates from scikit-learn / a simple formula."""
     rows = []
-    for (family, method), files in runs.items():
+    for (family, method), folds in runs.items():
         for fold in [*FOLDS, "pooled"]:
-            dfs = [pd.read_csv(files[k]["predictions"], sep="\t") for k in (FOLDS if fold == "pooled" else [fold])]
+            dfs = [pd.read_csv(folds[k].path("predictions"), sep="\t") for k in (FOLDS if fold == "pooled" else [fold])]
             df = pd.concat(dfs)
             if task_type == "survival":
                 names = {"c_index": 0.6 + 0.05 * (len(method) % 3)}
@@ -113,34 +107,32 @@ def _metrics(runs: dict, task_type: str, with_family: bool) -> pd.DataFrame:
             for metric, v in names.items():
                 rows.append({"method": method, "family": family, "fold": fold, "metric": metric, "point": v,
                              "mean": v - 0.005, "ci_low": v - 0.1, "ci_high": min(1.0, v + 0.08), "n_cases": len(df)})
-    out = pd.DataFrame(rows)
-    return out if with_family else out.drop(columns="family")
+    return pd.DataFrame(rows)
 
 
-def _task_fixture(root: Path, task: str, task_type: str, slides: dict | None, with_family: bool = True) -> dict:
+def _task_fixture(root: Path, task: str, task_type: str, slides: dict | None) -> dict:
+    """Runs of three methods × two folds (attention in fold 0 when ``slides``), and their metrics table."""
     rng = np.random.default_rng(7)
-    runs = {}
+    runs: dict[tuple[str, str], dict[int, Run]] = {}
     for j, (family, method) in enumerate(METHODS):
         runs[(family, method)] = {}
         for fold in FOLDS:
             pred = (_classification_pred(fold, rng, 0.5 + 0.5 * j) if task_type != "survival"
                     else _survival_pred(fold, rng, 1.0 + j))
-            runs[(family, method)][fold] = _write_run(root, family, task, method, fold, pred, slides, rng)
+            attention = _attention(rng, slides["hot"]) if slides is not None and fold == 0 else None
+            runs[(family, method)][fold] = write_run(root, family, task, task_type, method, fold, pred,
+                                                     _history(rng), attention)
     metrics = root / "results" / "metrics" / f"{task}.tsv"
     metrics.parent.mkdir(parents=True)
-    _metrics(runs, task_type, with_family).to_csv(metrics, sep="\t", index=False)
-    files = [f for m in runs.values() for f in m.values()]
-    return {"runs": runs, "metrics": metrics, "out": root / "results" / "figures" / task,
-            "predictions": [str(f["predictions"]) for f in files],
-            "histories": [str(f["history"]) for f in files],
-            "attention": [str(f["attention"]) for f in files if f["attention"].exists()]}
+    _metrics(runs, task_type).to_csv(metrics, sep="\t", index=False)
+    all_runs = [r for folds in runs.values() for r in folds.values()]
+    return {"runs": runs, "all": all_runs, "metrics": metrics, "out": root / "results" / "figures" / task}
 
 
-def _argv(fx: dict, task: str, task_type: str, qc_dir: Path, attention: bool = True) -> list[str]:
-    argv = ["--task", task, "--task-type", task_type, "--metrics", str(fx["metrics"]),
-            "--predictions", *fx["predictions"], "--histories", *fx["histories"],
-            "--qc-dir", str(qc_dir), "--out-dir", str(fx["out"]), "--seed", "0", "--n-boot", "50"]
-    return argv + (["--attention", *fx["attention"]] if attention else [])
+def _argv(fx: dict, task: str, task_type: str, slides: dict) -> list[str]:
+    return ["--task", task, "--task-type", task_type, "--metrics", str(fx["metrics"]), "--slides",
+            str(slides["table"]), "--out-dir", str(fx["out"]), "--seed", "0", "--n-boot", "50",
+            "--runs", *[str(r.path("run")) for r in fx["all"]]]
 
 
 def _check_png(path: Path, aspect: float | None = None) -> np.ndarray:
@@ -160,7 +152,7 @@ def _check_pdf(path: Path) -> None:
 
 def test_classification_figures(tmp_path, slides):
     fx = _task_fixture(tmp_path, "subtype", "classification", slides)
-    assert cli_task(_argv(fx, "subtype", "classification", slides["qc_dir"])) == 0
+    assert cli_task(_argv(fx, "subtype", "classification", slides)) == 0
     out = fx["out"]
     for name in ("roc", "forest", "curves", "attention"):
         _check_pdf(out / f"{name}.pdf")
@@ -175,9 +167,9 @@ def test_classification_figures(tmp_path, slides):
     assert not list(out.parent.glob(".*tmp*")), "temporary folder left behind"
 
 
-def test_survival_figures_without_family_column(tmp_path, slides):
-    fx = _task_fixture(tmp_path, "os", "survival", slides, with_family=False)
-    assert cli_task(_argv(fx, "os", "survival", slides["qc_dir"])) == 0
+def test_survival_figures(tmp_path, slides):
+    fx = _task_fixture(tmp_path, "os", "survival", slides)
+    assert cli_task(_argv(fx, "os", "survival", slides)) == 0
     out = fx["out"]
     for name in ("km", "forest", "curves", "attention"):
         _check_pdf(out / f"{name}.pdf")
@@ -190,27 +182,25 @@ def test_survival_figures_without_family_column(tmp_path, slides):
 
 def test_missing_attention_and_rerun_replaces_folder(tmp_path, slides):
     fx = _task_fixture(tmp_path, "subtype", "classification", slides)
-    assert cli_task(_argv(fx, "subtype", "classification", slides["qc_dir"]) + ["--n-attention", "1"]) == 0
+    assert cli_task(_argv(fx, "subtype", "classification", slides) + ["--n-attention", "1"]) == 0
     assert (fx["out"] / "attention.png").exists()
-    for p in fx["attention"]:
-        Path(p).unlink()
-    assert cli_task(_argv(fx, "subtype", "classification", slides["qc_dir"])) == 0  # files named, absent
+    for run in fx["all"]:
+        run.path("attention").unlink(missing_ok=True)
+    assert cli_task(_argv(fx, "subtype", "classification", slides)) == 0
     out = fx["out"]
     assert not (out / "attention.png").exists(), "a stale figure survived the rerun"
     for name in ("roc", "forest", "curves"):
         _check_png(out / f"{name}.png")
     status = pd.read_csv(out / "figures.tsv", sep="\t").set_index("figure")
     assert status.loc["attention", "status"] == "skipped"
-    assert cli_task(_argv(fx, "subtype", "classification", slides["qc_dir"], attention=False)) == 0
-    assert (out / "roc.png").exists() and not (out / "attention.png").exists()
 
 
 def test_single_class_test_folds_skip_roc_only(tmp_path, slides):
     fx = _task_fixture(tmp_path, "subtype", "classification", None)
-    for p in fx["predictions"]:
-        df = pd.read_csv(p, sep="\t")
-        df.assign(label="tumor").to_csv(p, sep="\t", index=False)
-    assert cli_task(_argv(fx, "subtype", "classification", slides["qc_dir"])) == 0
+    for run in fx["all"]:
+        df = pd.read_csv(run.path("predictions"), sep="\t")
+        df.assign(label="tumor").to_csv(run.path("predictions"), sep="\t", index=False)
+    assert cli_task(_argv(fx, "subtype", "classification", slides)) == 0
     out = fx["out"]
     assert not (out / "roc.png").exists()
     _check_png(out / "forest.png")
@@ -220,8 +210,7 @@ def test_single_class_test_folds_skip_roc_only(tmp_path, slides):
 
 
 def test_attention_raster_puts_max_on_the_hottest_patch(slides):
-    path = Path(json.loads((slides["qc_dir"] / "S-b.json").read_text())["path"])
-    rgb, ds = heatmaps.thumbnail(path, max_px=300)  # a real thumbnail through OpenSlide
+    rgb, ds = heatmaps.thumbnail(slides["paths"]["S-b"], max_px=300)  # a real thumbnail through OpenSlide
     assert rgb.shape[1] == 300 and ds[0] == pytest.approx(SLIDE_WH[0] / 300, rel=0.01)
     att = _attention(np.random.default_rng(1), {"S-b": 57})
     npz = {k: v for k, v in att.items()}
@@ -239,36 +228,30 @@ def test_attention_raster_puts_max_on_the_hottest_patch(slides):
 
 def test_unreadable_slide_is_left_out_of_the_attention_figure(tmp_path, slides):
     fx = _task_fixture(tmp_path, "subtype", "classification", slides)
-    qc_dir = tmp_path / "qc"
-    qc_dir.mkdir()
-    for s in slides["ids"]:
-        qc = json.loads((slides["qc_dir"] / f"{s}.json").read_text())
-        if s == "S-b":
-            qc["path"] = str(tmp_path / "gone.tif")
-        (qc_dir / f"{s}.json").write_text(json.dumps(qc))
-    files = existing_runs(fx["attention"], "attention")
-    fig = heatmaps.plot_attention(files, qc_dir, n_slides=3, seed=0)
+    table = pd.read_csv(slides["table"], sep="\t")
+    table.loc[table["slide_id"] == "S-b", "path"] = str(tmp_path / "gone.tif")
+    with_attention = [r for r in fx["all"] if r.path("attention").is_file()]
+    fig = heatmaps.plot_attention(with_attention, table, n_slides=3, seed=0)
     rows = {ax.get_ylabel() for ax in fig.axes[:-1] if ax.get_ylabel()}  # last: colour bar
     assert rows == {"S-a", "S-c"}
     assert len(fig.axes) == 2 * 3 + 1  # 2 slides × 3 methods + colour bar
+    table.loc[table["slide_id"] == "S-c", "status"] = "failed"  # failed QC: not shown either
+    fig = heatmaps.plot_attention(with_attention, table, n_slides=3, seed=0)
+    assert {ax.get_ylabel() for ax in fig.axes[:-1] if ax.get_ylabel()} == {"S-a"}
 
 
-def test_patch_size_from_npz_key_wins(tmp_path):
-    coords = np.array([[0, 0], [512, 0]], np.int32)
-    np.savez(tmp_path / "a.npz", s1=np.ones((2, 2), np.float32), s1__coords=coords,
-             __patch_size_l0__=np.array(128))
+def test_patch_size_is_the_grid_step_of_the_coords(tmp_path):
+    coords = np.array([[0, 0], [512, 0], [1024, 512]], np.int32)
+    np.savez(tmp_path / "a.npz", s1=np.ones((2, 3), np.float32), s1__coords=coords)
     with np.load(tmp_path / "a.npz") as z:
         assert heatmaps.slide_ids(z) == ["s1"]
-        assert heatmaps.read_slide(z, "s1", "a.npz").patch_l0 == 128
-    np.savez(tmp_path / "b.npz", s1=np.ones((2, 2), np.float32), s1__coords=coords)
-    with np.load(tmp_path / "b.npz") as z:
-        assert heatmaps.read_slide(z, "s1", "b.npz").patch_l0 == 512
+        assert heatmaps.read_slide(z, "s1", "a.npz").patch_l0 == 512
 
 
 def test_km_logrank_matches_lifelines(tmp_path):
     fx = _task_fixture(tmp_path, "os", "survival", None)
     files = fx["runs"][("e2e", "r18_abmilx")]
-    folds = {k: pd.read_csv(files[k]["predictions"], sep="\t", dtype={"case_id": str}) for k in FOLDS}
+    folds = {k: pd.read_csv(files[k].path("predictions"), sep="\t", dtype={"case_id": str}) for k in FOLDS}
     folds[1] = folds[1].iloc[1:]  # an odd fold: its median risk is a case's own risk
     split = survival.median_split(folds)
     # independent split: above each fold's own median risk
@@ -302,7 +285,7 @@ def test_roc_auc_matches_sklearn_binary_and_multiclass():
     prob[45:] *= 0.5
     df = pd.DataFrame({"case_id": [f"c{i}" for i in range(90)], "label": [str(g + 1) for g in y],
                        **{f"prob_{g + 1}": prob[:, g] for g in range(3)}})
-    fig = roc.plot_roc({("e2e", "r18_abmilx"): {0: df.iloc[:45], 1: df.iloc[45:]}}, n_boot=20)
+    fig = roc.plot_roc({("e2e", "r18_abmilx"): {0: df.iloc[:45], 1: df.iloc[45:]}}, "grading", n_boot=20)
     (text,) = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     per_class = []
     for g in range(3):
@@ -339,7 +322,7 @@ def test_cohort_figures(tmp_path):
     pd.DataFrame(man).to_csv(tmp_path / "manifest.tsv", sep="\t", index=False)
     out = tmp_path / "results" / "figures" / "cohort"
     assert cli_cohort(["--slides", str(tmp_path / "slides.tsv"), "--manifest", str(tmp_path / "manifest.tsv"),
-                       "--thumbs-dir", str(thumbs), "--out-dir", str(out)]) == 0
+                       "--thumbs", *map(str, sorted(thumbs.glob("*.png"))), "--tissue", "--out-dir", str(out)]) == 0
     _check_png(out / "qc_montage.png", aspect=1.0)  # 4 slides → 2 × 2 square tiles
     _check_png(out / "patch_counts.png")
     for name in ("qc_montage", "patch_counts"):
@@ -351,9 +334,10 @@ def test_cohort_figures(tmp_path):
     assert summary[("patches_20x", "unavailable")] == 1 and summary[("patches_5x", "ok")] == 3
 
 
-def test_bad_prediction_path_is_a_clear_error(tmp_path):
-    bad = tmp_path / "predictions.tsv"
-    bad.write_text("case_id\tlabel\n")
-    with pytest.raises(ValueError, match="expected results/"):
-        existing_runs([bad], "predictions")
-    assert load_by_method([]) == {}
+def test_a_run_without_its_identifiers_is_a_clear_error(tmp_path, slides, caplog):
+    fx = _task_fixture(tmp_path, "subtype", "classification", None)
+    broken = fx["all"][0].path("run")
+    broken.write_text(json.dumps({"family": "e2e", "task": "subtype", "method": "r18_abmilx"}))
+    with caplog.at_level(logging.ERROR):
+        assert cli_task(_argv(fx, "subtype", "classification", slides)) == 2
+    assert f"{broken}: run.json lacks task_type, fold" in caplog.text

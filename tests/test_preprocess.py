@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import multiprocessing
 import pickle
 import shutil
@@ -14,11 +15,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tifffile
 
 from e2epath import slide as sl
 from e2epath import slidewriter as sw
-from e2epath.preprocess import patching, qc, store, tissue
+from e2epath import store
+from e2epath.preprocess import patching, qc, tissue
+from helpers import corrupt_tile
 
 # Slide "tis20": Aperio 20x (0.5 µm/px), 6000 x 4000, pyramid 1/4/16.
 TIS20_RECT = (1200, 800, 4800, 3200)         # x0, y0, x1, y1 (level-0 px)
@@ -49,17 +51,6 @@ def tis20_truth() -> tuple[np.ndarray, float]:
     return m, main_area
 
 
-def corrupt_tile(path: Path, col: int, row: int) -> None:
-    """Overwrite the middle of one level-0 tile's JPEG data (found through the TIFF offsets)."""
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        k = row * -(-page.imagewidth // sw.TILE) + col
-        offset, count = page.dataoffsets[k], page.databytecounts[k]
-    with open(path, "r+b") as f:
-        f.seek(offset + count // 3)
-        f.write(np.random.default_rng(1).integers(0, 256, count // 3, dtype=np.uint8).tobytes())
-
-
 def run_qc(out: Path, sid: str, path: Path, sheet_mpp: float | None = None) -> dict:
     args = ["--slide-id", sid, "--case-id", f"case-{sid}", "--path", str(path), "--out", str(out / f"slides/{sid}.json")]
     assert qc.cli(args + (["--sheet-mpp", str(sheet_mpp)] if sheet_mpp else [])) == 0
@@ -69,7 +60,7 @@ def run_qc(out: Path, sid: str, path: Path, sheet_mpp: float | None = None) -> d
 def run_tissue(out: Path, sid: str, preset: str = "resection", tag: str = "") -> dict:
     t = out / f"tissue{tag}"
     assert tissue.cli(["--qc", str(out / f"slides/{sid}.json"), "--mask-out", str(t / f"{sid}.png"),
-                       "--geojson-out", str(t / f"{sid}.geojson"), "--thumb-out", str(t / f"{sid}_qc.png"),
+                       "--geojson-out", str(t / f"{sid}.geojson"), "--thumb-out", str(t / "thumbs" / f"{sid}.png"),
                        "--preset", preset, "--seg-mpp", "8.0"]) == 0
     return json.loads((t / f"{sid}.geojson").read_text())
 
@@ -77,7 +68,7 @@ def run_tissue(out: Path, sid: str, preset: str = "resection", tag: str = "") ->
 def patch_args(out: Path, sid: str, mag: int, *extra: str) -> list[str]:
     return ["--qc", str(out / f"slides/{sid}.json"), "--mask", str(out / f"tissue/{sid}.png"),
             "--geojson", str(out / f"tissue/{sid}.geojson"), "--magnification", str(mag), "--patch-size", "256",
-            "--min-tissue", "0.5", "--tolerance", "0.1", "--jpeg-quality", "90",
+            "--min-tissue", "0.5", "--tolerance", "0.1", "--jpeg-quality", "90", "--threads", "1",
             "--lmdb-out", str(out / f"lmdb/{mag}x/{sid}.lmdb"), "--row-out", str(out / f"patches/{mag}x/{sid}.json"),
             *extra]
 
@@ -102,7 +93,7 @@ def cohort(tmp_path_factory) -> dict:
     paths["blank"] = sw.write_generic_tiff(d / "blank.tif", he_like(1500, 2000, np.zeros((1500, 2000)), 4), mpp=0.5)
     paths["corrupt"] = d / "corrupt.svs"
     shutil.copy(paths["tis20"], paths["corrupt"])
-    corrupt_tile(paths["corrupt"], col=12, row=10)     # inside the tissue, level 0 only
+    corrupt_tile(paths["corrupt"], col=12, row=10, seed=1)  # inside the tissue, level 0 only
     paths["missing"] = d / "missing.svs"
     paths["text"] = d / "text.svs"
     paths["text"].write_text("not a slide\n")
@@ -193,14 +184,14 @@ def test_tissue_area_hole_pen_and_geojson(cohort):
     cv2.line(pen, *TIS20_PEN, 1, 50)
     pen_small = cv2.resize(pen, (375, 250), interpolation=cv2.INTER_AREA) > 0
     assert not mask[pen_small].any()
-    thumb = cv2.imread(str(cohort["out"] / "tissue/tis20_qc.png"))
+    thumb = cv2.imread(str(cohort["out"] / "tissue/thumbs/tis20.png"))
     assert thumb is not None and max(thumb.shape[:2]) == 1024
 
 
 def test_black_ink_over_tissue_is_excluded_but_dark_nuclei_are_kept():
     """Black marker over tissue blends to a dark purple-grey (V 60-90, S < 110), not near-black;
     dense dark nuclei are as dark but saturated. Image at seg_mpp (8 µm/px): 1 px = 8 µm."""
-    p = tissue.PRESETS["resection"]
+    p = tissue.tissue_params("resection", seg_mpp=8.0)
     rgb = np.full((200, 300, 3), 242, np.uint8)                       # glass
     rgb[20:180, 20:280] = (234, 158, 196)                             # eosin-pink tissue
     rgb[40:100, 40:110] = (70, 40, 120)                               # dense dark nuclei, saturated
@@ -231,7 +222,7 @@ def test_tissue_failed_qc_gives_empty_outputs(cohort):
         assert g["features"] == []
         mask = cv2.imread(str(cohort["out"] / f"tissue/{sid}.png"), cv2.IMREAD_GRAYSCALE)
         assert mask is not None and not mask.any()
-        assert (cohort["out"] / f"tissue/{sid}_qc.png").stat().st_size > 0
+        assert (cohort["out"] / f"tissue/thumbs/{sid}.png").stat().st_size > 0
 
 
 def test_blank_slide_has_no_tissue(cohort):
@@ -372,7 +363,7 @@ def test_no_white_or_black_patches(cohort):
             assert 60 < rgb.mean() < 225, (sid, mag, i)
 
 
-def test_killed_packing_leaves_no_store(cohort, tmp_path):
+def test_killed_packing_leaves_no_store_and_the_rerun_removes_its_temporary(cohort, tmp_path, caplog):
     out = cohort["out"]
     args = patch_args(out, "tis20", 20)
     args[args.index("--lmdb-out") + 1] = str(tmp_path / "killed.lmdb")
@@ -381,19 +372,22 @@ def test_killed_packing_leaves_no_store(cohort, tmp_path):
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path[:] = {sys.path!r}
-        from e2epath.preprocess import patching, store
+        from e2epath import store
+        from e2epath.preprocess import patching
         add = store.LmdbWriter.add
         def dying_add(self, *a):
             add(self, *a)
             if len(self) == 100:
                 os.kill(os.getpid(), signal.SIGKILL)
         store.LmdbWriter.add = dying_add
+        print(os.getpid(), flush=True)
         patching.cli({args!r})
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not (tmp_path / "killed.lmdb").exists() and not (tmp_path / "killed.json").exists()
-    assert [p.name for p in tmp_path.iterdir()][0].startswith(".killed.lmdb.tmp-")
+    (stale,) = [p for p in tmp_path.iterdir()]
+    assert stale.name == f".killed.lmdb.tmp-{proc_pid(proc)}" and stale.stat().st_size > 0
     with pytest.raises(FileNotFoundError):
         store.LmdbReader(tmp_path / "killed.lmdb")
     # an exception inside the writer removes its temporary file too
@@ -401,9 +395,17 @@ def test_killed_packing_leaves_no_store(cohort, tmp_path):
         w.add(b"x", (0, 0), 1.0)
         raise RuntimeError("boom")
     assert not any(p.name.startswith((".raised", "raised")) for p in tmp_path.iterdir())
-    # the rerun completes
-    assert patching.cli(args) == 0
+    # the rerun completes and removes the killed job's temporary
+    with caplog.at_level(logging.INFO, logger="e2epath.store"):
+        assert patching.cli(args) == 0
     assert len(store.LmdbReader(tmp_path / "killed.lmdb")) == cohort["rows"]["tis20", 20]["n_patches"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.json", "killed.lmdb"]
+    assert f"removed {stale}" in caplog.text
+
+
+def proc_pid(proc: subprocess.CompletedProcess) -> int:
+    """The PID the killed child printed before packing (its temporary is named after it)."""
+    return int(proc.stdout.decode().split()[0])
 
 
 def test_manifest(cohort, tmp_path):

@@ -13,7 +13,8 @@ import pytest
 
 from e2epath import demo, shards
 from e2epath.io import read_json
-from e2epath.preprocess import patching, qc, store, tissue
+from e2epath import store
+from e2epath.preprocess import patching, qc, tissue
 
 MAG = 10
 
@@ -29,10 +30,11 @@ def slides(tmp_path_factory) -> pd.DataFrame:
 
 def shard_argv(sheet: pd.DataFrame, out: Path) -> dict[str, list[str]]:
     mpps = ["nan" if m != m else str(m) for m in sheet["mpp"]]
-    patch_params = ["--magnification", str(MAG), "--patch-size", "128", "--min-tissue", "0.5"]
+    patch_params = ["--magnification", str(MAG), "--patch-size", "128", "--min-tissue", "0.5", "--tolerance", "0.1",
+                    "--jpeg-quality", "90", "--threads", "1"]
     return {
-        "qc": ["--paths", *sheet["path"], "--slide-ids", *sheet["slide_id"], "--case-ids", *sheet["case_id"],
-               "--sheet-mpps", *mpps, "--qc-dir", str(out / "slides"), "--done-dir", str(out / "done/qc"),
+        "qc": ["--path", *sheet["path"], "--slide-id", *sheet["slide_id"], "--case-id", *sheet["case_id"],
+               "--sheet-mpp", *mpps, "--qc-dir", str(out / "slides"), "--done-dir", str(out / "done/qc"),
                "--out", str(out / "shards/qc.json")],
         "tissue": ["--qc", str(out / "shards/qc.json"), "--preset", "biopsy", "--seg-mpp", "8",
                    "--mask-dir", str(out / "masks"), "--geojson-dir", str(out / "contours"),
@@ -79,7 +81,8 @@ def test_shard_steps_write_what_the_per_slide_steps_write(slides, tmp_path, capl
         assert (per / "m.png").read_bytes() == (tmp_path / f"sh/masks/{s.slide_id}.png").read_bytes()
         assert patching.cli(["--qc", str(per / f"{s.slide_id}.json"), "--mask", str(per / "m.png"),
                              "--geojson", str(per / "c.geojson"), "--magnification", str(MAG), "--patch-size", "128",
-                             "--min-tissue", "0.5", "--lmdb-out", str(per / f"{s.slide_id}.lmdb"),
+                             "--min-tissue", "0.5", "--tolerance", "0.1", "--jpeg-quality", "90", "--threads", "2",
+                             "--lmdb-out", str(per / f"{s.slide_id}.lmdb"),
                              "--row-out", str(per / "row.json")]) == 0
         row = read_json(per / "row.json")
         shard_row = next(r for r in rows if r["slide_id"] == s.slide_id)
@@ -120,7 +123,7 @@ def test_a_rerun_redoes_only_the_slides_whose_inputs_changed(slides, tmp_path, c
     assert run_steps(argv, caplog, ["patch"]) == {"patch": {ids[2]: "an output is missing"}}
 
     # a sheet change (case id) reaches QC and everything after it for that slide
-    argv["qc"][argv["qc"].index("--case-ids") + 1] = "OTHER-CASE"
+    argv["qc"][argv["qc"].index("--case-id") + 1] = "OTHER-CASE"
     ran = run_steps(argv, caplog)
     assert {step: set(r) for step, r in ran.items()} == {"qc": {ids[0]}, "tissue": {ids[0]}, "patch": {ids[0]}}
     assert read_json(tmp_path / "shards/qc.json")[0]["case_id"] == "OTHER-CASE"

@@ -12,15 +12,8 @@ import tifffile
 
 from e2epath import slide as sl
 from e2epath import slidewriter as sw
-
-
-def texture(h: int, w: int, seed: int) -> np.ndarray:
-    """Pinkish RGB with low-frequency structure, so that misplaced reads are visible."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 255, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)
-    field = cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC)
-    base = np.array([200, 120, 170], np.float32)
-    return np.clip(base + (field.astype(np.float32) - 128) * 0.35, 0, 255).astype(np.uint8)
+from helpers import corrupt_tile
+from helpers import smooth_texture as texture
 
 
 def rewrite_page0(path: Path, drop_mpp: bool, resolution_mpp: float | None = None) -> None:
@@ -58,13 +51,7 @@ def slides(tmp_path_factory) -> dict[str, Path]:
     out["truncated"].write_bytes(data[: len(data) // 3])
     out["corrupt"] = d / "corrupt.svs"
     shutil.copy(out["aperio40"], out["corrupt"])
-    with tifffile.TiffFile(out["corrupt"]) as tif:  # tile (col 5, row 3) of level 0
-        tiles_across = -(-tif.pages[0].imagewidth // sw.TILE)
-        k = 3 * tiles_across + 5
-        offset, count = tif.pages[0].dataoffsets[k], tif.pages[0].databytecounts[k]
-    with open(out["corrupt"], "r+b") as f:
-        f.seek(offset + count // 2)
-        f.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
+    corrupt_tile(out["corrupt"], col=5, row=3)
     out["_image"] = img  # type: ignore[assignment]
     return out
 
@@ -116,10 +103,10 @@ def test_mpp_from_properties_inch_and_placeholder_dpi():
 def test_choose_level_table(downsamples, slide_mpp, target, level):
     if slide_mpp > target * 1.1:
         with pytest.raises(sl.ResolutionUnavailable):
-            sl.choose_level(downsamples, slide_mpp, target)
-        assert sl.choose_level(downsamples, slide_mpp, target, allow_upsample=True) == (0, 1.0)
+            sl.choose_level(downsamples, slide_mpp, target, 0.1)
+        assert sl.choose_level(downsamples, slide_mpp, target, 0.1, allow_upsample=True) == (0, 1.0)
         return
-    got_level, got_ds = sl.choose_level(downsamples, slide_mpp, target)
+    got_level, got_ds = sl.choose_level(downsamples, slide_mpp, target, 0.1)
     assert got_level == level
     assert got_ds == pytest.approx(downsamples[level])
 

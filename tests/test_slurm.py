@@ -15,22 +15,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, tiny_config
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+
 SLURM_DIR = Path(__file__).resolve().parent / "slurm"
 N_SLIDES = 6
-CONFIG = {
-    "samples": "resources/demo/slides.tsv",
-    "demo": {"enabled": True, "n_slides": N_SLIDES, "seed": 0, "scale": 0.5},
-    "tasks": {"subtype": {"type": "classification", "labels": "resources/demo/labels/subtype.csv"}},
-    "splits": {"mode": "kfold", "k": 2, "val_fraction": 0.3},
-    "preprocess": {"magnifications": [10, 20], "patch_size": 128, "tissue": {"preset": "biopsy"}},
-    "e2e": {"defaults": {"weights": None, "n_instances": 8, "input_size": 32, "epochs": 1, "batch_size": 2,
-                         "workers": 0, "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]}},
-            "methods": {"r18_abmilx": {"encoder": "resnet18", "aggregator": "abmilx"}}},
-    "twostage": {"encoder": "resnet18", "weights": None, "magnification": 20, "input_size": 32,
-                 "defaults": {"epochs": 1}, "methods": {"ts_abmil": {"aggregator": "abmil"}}},
-    "evaluate": {"n_boot": 10},
-}
+# The tiny workflow, smaller still: 6 slides, one task, one method per family, one epoch.
+CONFIG = tiny_config()
+CONFIG["demo"]["n_slides"] = N_SLIDES
+CONFIG["tasks"] = {"subtype": CONFIG["tasks"]["subtype"]}
+CONFIG["preprocess"]["magnifications"] = [10, 20]
+CONFIG["e2e"]["defaults"].update(n_instances=8, epochs=1)
+CONFIG["e2e"]["methods"] = {"r18_abmilx": CONFIG["e2e"]["methods"]["r18_abmilx"]}
+CONFIG["twostage"]["defaults"]["epochs"] = 1
+CONFIG["evaluate"]["n_boot"] = 10
 TARGETS = ["results/e2e/subtype/r18_abmilx/fold0/predictions.tsv",
            "results/twostage/subtype/ts_abmil/fold0/predictions.tsv"]
 GPU_RULES = {"train_e2e", "train_mil", "features"}  # `features`: the extract_features group

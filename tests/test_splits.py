@@ -98,7 +98,8 @@ def test_cli_writes_the_contract_table(tmp_path):
     slides.to_csv(tmp_path / "slides.tsv", sep="\t", index=False)
     out = tmp_path / "splits" / "subtype.tsv"
     args = ["--labels", str(tmp_path / "labels.csv"), "--slides", str(tmp_path / "slides.tsv"), "--out", str(out),
-            "--task", "subtype", "--task-type", "classification", "--k", "3", "--val-fraction", "0.25"]
+            "--task", "subtype", "--task-type", "classification", "--mode", "kfold", "--k", "3",
+            "--val-fraction", "0.25", "--holdout", "0.7", "0.1", "0.2", "--seed", "0"]
     assert cli(args) == 0
     table = pd.read_csv(out, sep="\t", dtype={"case_id": str})
     assert list(table.columns) == ["case_id", "fold", "subset"]

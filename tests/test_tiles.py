@@ -17,11 +17,8 @@ import tifffile
 from e2epath import slide as sl
 from e2epath import slidewriter as sw
 from e2epath import tiles
-
-def texture(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)[:h, :w]
-    return (img // 2 + np.array([110, 60, 90], np.uint8)).astype(np.uint8)
+from helpers import block_texture as texture
+from helpers import corrupt_tile
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +104,7 @@ def test_a_level_that_decodes_differently_is_left_to_openslide(slides, monkeypat
 def test_corrupt_tile_is_an_error_with_the_window_never_filler(slides, tmp_path):
     path = tmp_path / "corrupt.svs"
     shutil.copy(slides["aperio"], path)
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        k = 2 * -(-page.imagewidth // sw.TILE) + 1                   # tile (col 1, row 2) of level 0
-        offset, count = page.dataoffsets[k], page.databytecounts[k]
-    with open(path, "r+b") as f:
-        f.seek(offset + count // 2)
-        f.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
+    offset, count = corrupt_tile(path, col=1, row=2)              # tile (col 1, row 2) of level 0
     osr = sl.open_slide(path)
     with tifffile.TiffFile(path) as tif:                          # strict decoding refuses the tile
         page = tif.pages[0]

@@ -16,18 +16,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from e2epath.data import MultiScaleBagDataset, crop_boxes, load_bags, resized_crops
-from e2epath.evaluate.metrics import main_metric, task_metrics
+from e2epath.data import MultiScaleBagDataset, load_bags
+from e2epath.layout import RUN_FILES, Run
 from e2epath.methods import with_task_defaults
+from e2epath.metrics import main_metric, task_metrics
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.splits import make_splits
-from e2epath.train import e2e
+from e2epath.train import e2e, job
 from e2epath.train.e2e import E2EModel, full_bag_predictor, sampled_batches
+from e2epath.train.job import balanced_order
 from e2epath.train.loop import _better
 from e2epath.train.tasks import SurvivalTask, build_task, nll_survival
-from test_data import write_cohort
+from e2epath.transforms import crop_boxes, resized_crops
+from helpers import ROOT, write_store_cohort
 
-ROOT = Path(__file__).resolve().parents[1]
 FAILED = "CASE-02"  # its stores and manifest rows are "failed"; in fold 0's test subset (checked)
 
 
@@ -41,7 +43,7 @@ def spec_for(task_type: str, **kw) -> dict:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train")
-    paths = write_cohort(root, n_cases=16, failed=(FAILED,))
+    paths = write_store_cohort(root, n_cases=16, failed=(FAILED,))
     for task, kind, labels in (("subtype", "classification", "labels"), ("survival", "survival", "survival")):
         table = pd.read_csv(paths[labels], dtype={"case_id": str})
         splits = make_splits(table, kind, "kfold", 2, 0.4, [], seed=0)
@@ -55,11 +57,9 @@ def cohort(tmp_path_factory) -> dict:
 def cli_args(cohort: dict, out: Path, spec: dict, task: str = "subtype", fold: int = 0) -> list[str]:
     labels = cohort["labels"] if task == "subtype" else cohort["survival"]
     return ["--splits", str(cohort[f"splits_{task}"]), "--labels", str(labels), "--slides", str(cohort["slides"]),
-            "--fold", str(fold), "--spec", json.dumps(spec), "--seed", "0",
+            "--task", task, "--fold", str(fold), "--spec", json.dumps(spec), "--seed", "0",
             "--rows", *map(str, cohort["rows"]),
-            *[x for name in ("model", "history", "predictions", "attention")
-              for x in (f"--{name}", str(out / {"model": "model.pt", "history": "history.tsv",
-                                                 "predictions": "predictions.tsv", "attention": "attention.npz"}[name]))]]
+            *[x for name, file in RUN_FILES.items() for x in (f"--{name}", str(out / file))]]
 
 
 def subset(cohort: dict, name: str, task: str = "subtype", fold: int = 0) -> list[str]:
@@ -132,6 +132,15 @@ def test_gradients_reach_the_encoder_and_alpha():
     assert alpha.grad is not None and alpha.grad.abs() > 0
 
 
+def test_balanced_order_oversamples_minority():
+    strata = np.array([0] * 7 + [1] * 2)
+    order = balanced_order(strata, np.random.default_rng(0), oversample=True)
+    assert Counter(strata[order].tolist()) == {0: 7, 1: 7}
+    assert set(order[strata[order] == 1]) == {7, 8}
+    plain = balanced_order(strata, np.random.default_rng(0), oversample=False)
+    assert sorted(plain.tolist()) == list(range(9))
+
+
 def test_an_epoch_oversamples_the_minority_class(cohort):
     bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
     labels = pd.read_csv(cohort["labels"])
@@ -140,12 +149,11 @@ def test_an_epoch_oversamples_the_minority_class(cohort):
     ds = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train], 4, [10, 20],
                               [0.5, 0.5], 32, 0)
     spec = spec_for("classification", n_instances=4, batch_size=3)
-    batches = sampled_batches(ds, task.strata(train), spec, seed=0, dev=torch.device("cpu"))
-    targets = torch.cat([t for _, t in batches(0)]).tolist()
-    assert Counter(targets) == {0: 5, 1: 5}
-    spec_off = {**spec, "oversample": False}
-    targets = torch.cat([t for _, t in sampled_batches(ds, task.strata(train), spec_off, 0, torch.device("cpu"))(0)])
-    assert Counter(targets.tolist()) == {0: 5, 1: 1}
+    batches = sampled_batches(ds, spec, torch.device("cpu"))
+    for oversample, expected in ((True, {0: 5, 1: 5}), (False, {0: 5, 1: 1})):
+        order = balanced_order(task.strata(train), np.random.default_rng(0), oversample)
+        targets = torch.cat([t for _, t in batches(0, order)]).tolist()
+        assert Counter(targets) == expected
 
 
 # ------------------------------------------------------------------ the training CLI
@@ -156,7 +164,7 @@ def runs(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     spec = spec_for("classification", epochs=3)
     asked: list[list[str]] = []
-    real_fit = e2e.fit
+    real_fit = job.fit
 
     def spying_fit(model, task, batches, predict, *args, **kw):
         def spy(case_ids):
@@ -164,12 +172,12 @@ def runs(cohort, tmp_path_factory):
             return predict(case_ids)
         return real_fit(model, task, batches, spy, *args, **kw)
 
-    e2e.fit = spying_fit
+    job.fit = spying_fit
     try:
         for name in ("a", "b"):
             assert e2e.cli(cli_args(cohort, out / name, spec)) == 0
     finally:
-        e2e.fit = real_fit
+        job.fit = real_fit
     return {"out": out, "spec": spec, "asked": asked}
 
 
@@ -220,6 +228,17 @@ def test_outputs_follow_the_contract(cohort, runs):
     case_attn = np.concatenate([attention[s] for s in sheet.loc[sheet["case_id"] == test[0], "slide_id"]], axis=1)
     np.testing.assert_allclose(case_attn.sum(axis=1), 1, rtol=1e-4)
     assert not (out / "checkpoint.pt").exists()
+    run = Run.read(out / "run.json")  # the run names itself: evaluation and figures parse no path
+    assert (run.family, run.task, run.task_type, run.method, run.fold) == ("e2e", "subtype", "classification",
+                                                                           "r18_abmilx", 0)
+    assert run.path("predictions") == out / "predictions.tsv"
+
+
+def test_outputs_outside_the_run_layout_are_refused(cohort, tmp_path):
+    argv = cli_args(cohort, tmp_path, spec_for("classification", epochs=1))
+    argv[argv.index("--history") + 1] = str(tmp_path / "elsewhere" / "history.tsv")
+    with pytest.raises(ValueError, match="into one folder"):
+        e2e.cli(argv)
 
 
 def test_a_case_whose_slides_all_failed_is_skipped_with_a_message(cohort, tmp_path, caplog):
@@ -265,3 +284,86 @@ def test_resume_after_a_kill_continues_at_the_next_epoch(cohort, tmp_path):
     kept = pd.DataFrame(before["history"])
     np.testing.assert_array_equal(history["train_loss"][:k], kept["train_loss"])  # not retrained
     assert not checkpoint.exists()
+
+
+# ------------------------------------------------------------------ one skeleton, two families
+
+def write_feature_files(cohort: dict, folder: Path, dim: int = 8) -> list[Path]:
+    """A .pt record per slide as extract_features writes it: 12 patches of ``dim`` features, the
+    positive cases' first features shifted (a learnable signal)."""
+    sheet = pd.read_csv(cohort["slides"], sep="\t")
+    labels = pd.read_csv(cohort["labels"]).set_index("case_id")["label"]
+    rng = np.random.default_rng(1)
+    paths = []
+    for slide, case in zip(sheet["slide_id"], sheet["case_id"]):
+        feats = rng.normal(0, 1, (12, dim)).astype(np.float32)
+        feats[:4, 0] += 3.0 * (labels[case] == "positive")
+        ok = case != FAILED
+        rec = {"slide_id": slide, "status": "ok" if ok else "skipped", "message": "" if ok else "no patches",
+               "magnification": 20, "features": torch.from_numpy(feats).half() if ok else torch.zeros(0, 0),
+               "coords": torch.from_numpy(np.stack([np.arange(12) * 64, np.zeros(12)], 1).astype(np.int32))}
+        paths.append(folder / f"{slide}.pt")
+        torch.save(rec, paths[-1])
+    return paths
+
+
+def ts_args(cohort: dict, out: Path, spec: dict, features: list[Path]) -> list[str]:
+    argv = cli_args(cohort, out, spec)
+    rows = argv.index("--rows")
+    return argv[:rows] + ["--features", *map(str, features)] + argv[rows + 1 + len(cohort["rows"]):]
+
+
+def test_two_stage_runs_through_the_same_skeleton(cohort, tmp_path):
+    from e2epath.train import twostage
+
+    features = write_feature_files(cohort, tmp_path)
+    spec = with_task_defaults({"family": "twostage", "name": "ts_abmil", "encoder": "resnet18", "aggregator": "abmil",
+                               "eval_magnification": 20, "epochs": 3, "lr": 1e-3}, "classification")
+    out = tmp_path / "run"
+    assert twostage.cli(ts_args(cohort, out, spec, features)) == 0
+    run = Run.read(out / "run.json")
+    assert (run.family, run.method, run.fold) == ("twostage", "ts_abmil", 0)
+    preds = pd.read_csv(out / "predictions.tsv", sep="\t")
+    assert sorted(preds["case_id"]) == [c for c in subset(cohort, "test") if c != FAILED]
+    saved = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert saved["in_dim"] == 8 and saved["classes"] == ["negative", "positive"]
+    assert pd.read_csv(out / "history.tsv", sep="\t")["epoch"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["e2e", "twostage"])
+def test_both_families_draw_each_epoch_with_the_one_seed_formula(cohort, tmp_path, monkeypatch, family):
+    """Epoch e's bag order is balanced_order(strata, default_rng([seed * 1000 + fold, e])) in both
+    families (the skeleton draws it); recorded here from what the family is handed."""
+    from e2epath.train import twostage
+
+    seen: list[tuple[int, list[int]]] = []
+    cls = e2e.EndToEnd if family == "e2e" else twostage.TwoStage
+    real = cls.batches
+
+    def recording(self, task, train, dev):
+        draw = real(self, task, train, dev)
+        self.strata = task.strata(train)
+
+        def batches(epoch, order):
+            seen.append((epoch, list(order)))
+            return draw(epoch, order)
+        return batches
+
+    monkeypatch.setattr(cls, "batches", recording)
+    if family == "e2e":
+        spec = spec_for("classification", epochs=2)
+        argv = cli_args(cohort, tmp_path, spec, fold=1)
+    else:
+        spec = with_task_defaults({"family": "twostage", "name": "ts", "encoder": "resnet18", "aggregator": "mean",
+                                   "eval_magnification": 20, "epochs": 2}, "classification")
+        argv = ts_args(cohort, tmp_path, spec, write_feature_files(cohort, tmp_path))
+        argv[argv.index("--fold") + 1] = "1"
+    argv[argv.index("--seed") + 1] = "7"
+    assert (e2e.cli if family == "e2e" else twostage.cli)(argv) == 0
+    labels = pd.read_csv(cohort["labels"], dtype={"case_id": str}).set_index("case_id")["label"]
+    train = [c for c in subset(cohort, "train", fold=1) if c != FAILED]
+    strata = (labels[train] == "positive").to_numpy().astype(int)
+    assert [e for e, _ in seen] == [0, 1]
+    for epoch, order in seen:
+        expected = balanced_order(strata, np.random.default_rng([7 * 1000 + 1, epoch]), oversample=True)
+        assert order == expected.tolist()

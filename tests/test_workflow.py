@@ -12,29 +12,19 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-N_SLIDES, FOLDS = 12, 2
-TINY = {
-    "samples": "resources/demo/slides.tsv",
-    "demo": {"enabled": True, "n_slides": N_SLIDES, "seed": 0, "scale": 0.5},
-    "tasks": {"subtype": {"type": "classification", "labels": "resources/demo/labels/subtype.csv"},
-              "survival": {"type": "survival", "labels": "resources/demo/labels/survival.csv", "n_bins": 2}},
-    "splits": {"mode": "kfold", "k": FOLDS, "val_fraction": 0.3},
-    "preprocess": {"magnifications": [5, 10, 20], "patch_size": 128, "tissue": {"preset": "biopsy"}},
-    "e2e": {"defaults": {"weights": None, "n_instances": 16, "input_size": 32, "epochs": 2, "batch_size": 2,
-                         "workers": 0, "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]}},
-            "methods": {"r18_abmilx": {"encoder": "resnet18", "aggregator": "abmilx"},
-                        "r18_mean": {"encoder": "resnet18", "aggregator": "mean"}}},
-    "twostage": {"encoder": "resnet18", "weights": None, "magnification": 20, "input_size": 32,
-                 "defaults": {"epochs": 2}, "methods": {"ts_abmil": {"aggregator": "abmil"}}},
-    "evaluate": {"n_boot": 50},
-}
+from helpers import ROOT, tiny_config
+
+pytestmark = pytest.mark.workflow
+
+TINY = tiny_config()
+N_SLIDES, FOLDS = TINY["demo"]["n_slides"], TINY["splits"]["k"]
 
 
 def snakemake(run: Path, config: dict, *args: str, timeout: int = 1500,
@@ -110,6 +100,12 @@ def test_all_builds_every_stage(run):
     for path in (run / "results/e2e/subtype/r18_abmilx").glob("fold*/predictions.tsv"):
         preds = pd.read_csv(path, sep="\t")
         assert {"case_id", "label", "prob_negative", "prob_positive"} <= set(preds.columns)
+    from e2epath.layout import Run
+
+    runs = [Run.read(p) for p in (run / "results").glob("*/*/*/fold*/run.json")]  # each run names itself
+    assert len(runs) == 2 * 3 * FOLDS
+    assert {(r.family, r.method) for r in runs} == {("e2e", "r18_abmilx"), ("e2e", "r18_mean"), ("twostage", "ts_abmil")}
+    assert all(r.folder == run / f"results/{r.family}/{r.task}/{r.method}/fold{r.fold}" for r in runs)
 
 
 def test_bad_slides_fail_alone_with_the_openslide_error(run):
@@ -174,6 +170,41 @@ def test_adding_a_slide_runs_only_its_jobs_and_aggregates(run):
     jobs = planned(run, edited(samples="resources/demo/extra.tsv"))
     assert jobs["slide_qc"] == 1 and jobs["tissue"] == 1 and jobs["patch"] == 3
     assert jobs["qc_table"] == 1 and jobs["manifest"] == 1 and jobs["extract_features"] == 1
+
+
+def job_resources(run: Path, config: dict) -> list[tuple[str, dict[str, str], dict[str, str]]]:
+    """(rule, wildcards, resources) of every job of `all` (dry run, --forceall)."""
+    res = snakemake(run, config, "-n", "--forceall", "all")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", res.stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if rule:
+            fields = {k: dict(kv.split("=", 1) for kv in v.split(", "))
+                      for k, v in re.findall(r"^\s+(wildcards|resources): (.*)$", block, re.M)}
+            jobs.append((rule[1], fields.get("wildcards", {}), fields.get("resources", {})))
+    return jobs
+
+
+def test_a_shard_job_asks_for_its_slides_time_and_every_job_for_memory(run, sharded):
+    """A shard job's time limit is the per-slide job's times its slides: one number per step."""
+    from e2epath.shards import assign
+
+    per_slide = {}
+    for rule, _, resources in job_resources(run, TINY):
+        if rule == "all":
+            continue
+        assert int(resources["mem_mb"]) > 0 and int(resources["runtime"]) > 0, rule
+        per_slide.setdefault(rule, set()).add(int(resources["runtime"]))
+    slides = pd.read_csv(sharded / "resources/demo/slides.tsv", sep="\t")["slide_id"]
+    members = assign(slides, SHARDED["preprocess"]["shards"])
+    checked = set()
+    for rule, wildcards, resources in job_resources(sharded, SHARDED):
+        if rule.endswith("_shard"):
+            (minutes,) = per_slide[rule.removesuffix("_shard")]
+            assert int(resources["runtime"]) == minutes * len(members[wildcards["shard"]]), (rule, wildcards)
+            checked.add(rule)
+    assert checked == SHARD_RULES
 
 
 def gpu_requests(run: Path, gpus: str) -> dict[str, set[int]]:
@@ -275,25 +306,48 @@ def test_sharded_changes_rerun_shards_of_the_steps_they_touch(sharded):
     assert jobs["patch_shard"] == 9 and not {"slide_qc_shard", "tissue_shard"} & set(jobs), jobs
 
 
-def test_sharded_adding_a_slide_redoes_that_slide_alone(sharded):
-    demo = sharded / "resources/demo"
-    shutil.copy(demo / "slides/DEMO-S001.svs", demo / "slides/EXTRA-1.svs")
-    sheet = pd.read_csv(demo / "slides.tsv", sep="\t", dtype=str)
-    pd.concat([sheet, pd.DataFrame([{"slide_id": "EXTRA-1", "path": "slides/EXTRA-1.svs",
-                                     "case_id": sheet.loc[0, "case_id"]}])]).to_csv(demo / "slides.tsv", sep="\t",
-                                                                                     index=False)
-    jobs = planned(sharded, SHARDED)
-    assert {r: jobs.get(r) for r in SHARD_RULES} == {"slide_qc_shard": 1, "tissue_shard": 1, "patch_shard": 3,
-                                                      "extract_features_shard": 1}, jobs
-    stores = {p: p.stat().st_mtime_ns for p in (sharded / "results/lmdb").rglob("*.lmdb")}
-    res = snakemake(sharded, SHARDED, "--cores", "2", "results/patches/manifest.tsv")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    from e2epath.shards import shard_of
+@contextmanager
+def left_as_found(run: Path, tmp: Path):
+    """Put a run directory's results, Snakemake records and files back as they were (mtimes
+    included), so a test may run jobs in a module fixture's run without other tests seeing it."""
+    parts = [p for p in (run / "results", run / ".snakemake") if p.exists()]
+    before = {p: tmp / p.name for p in parts}
+    files = set(run.rglob("*"))
+    for part, copy in before.items():
+        shutil.copytree(part, copy, symlinks=True)
+    try:
+        yield
+    finally:
+        for part, copy in before.items():
+            shutil.rmtree(part)
+            shutil.copytree(copy, part, symlinks=True)
+        for new in sorted(set(run.rglob("*")) - files, reverse=True):
+            if new.is_file() or new.is_symlink():
+                new.unlink()
 
-    log = (sharded / f"results/logs/shards/patch/10x/{shard_of('EXTRA-1', 3)}.log").read_text()
-    assert "EXTRA-1: running (new)" in log
-    counts = re.search(r": (\d+) slides, (\d+) up to date \(skipped\), 1 run, 0 failed", log)
-    assert counts and int(counts[2]) == int(counts[1]) - 1 > 0, log
-    assert all(p.stat().st_mtime_ns == t for p, t in stores.items())  # no other store rewritten
-    manifest = pd.read_csv(sharded / "results/patches/manifest.tsv", sep="\t")
-    assert set(manifest.loc[manifest["slide_id"] == "EXTRA-1", "status"]) == {"ok"}
+
+def test_sharded_adding_a_slide_redoes_that_slide_alone(sharded, tmp_path):
+    demo = sharded / "resources/demo"
+    sheet = pd.read_csv(demo / "slides.tsv", sep="\t", dtype=str)
+    extra = pd.concat([sheet, pd.DataFrame([{"slide_id": "EXTRA-1", "path": "slides/EXTRA-1.svs",
+                                             "case_id": sheet.loc[0, "case_id"]}])])
+    config = edited(preprocess__shards=3, samples="resources/demo/extra.tsv")
+    with left_as_found(sharded, tmp_path):
+        shutil.copy(demo / "slides/DEMO-S001.svs", demo / "slides/EXTRA-1.svs")
+        extra.to_csv(demo / "extra.tsv", sep="\t", index=False)
+        jobs = planned(sharded, config)
+        assert {r: jobs.get(r) for r in SHARD_RULES} == {"slide_qc_shard": 1, "tissue_shard": 1, "patch_shard": 3,
+                                                          "extract_features_shard": 1}, jobs
+        stores = {p: p.stat().st_mtime_ns for p in (sharded / "results/lmdb").rglob("*.lmdb")}
+        res = snakemake(sharded, config, "--cores", "2", "results/patches/manifest.tsv")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        from e2epath.shards import shard_of
+
+        log = (sharded / f"results/logs/shards/patch/10x/{shard_of('EXTRA-1', 3)}.log").read_text()
+        assert "EXTRA-1: running (new)" in log
+        counts = re.search(r": (\d+) slides, (\d+) up to date \(skipped\), 1 run, 0 failed", log)
+        assert counts and int(counts[2]) == int(counts[1]) - 1 > 0, log
+        assert all(p.stat().st_mtime_ns == t for p, t in stores.items())  # no other store rewritten
+        manifest = pd.read_csv(sharded / "results/patches/manifest.tsv", sep="\t")
+        assert set(manifest.loc[manifest["slide_id"] == "EXTRA-1", "status"]) == {"ok"}
+    assert planned(sharded, SHARDED) == {}  # the fixture is as it was: nothing to do

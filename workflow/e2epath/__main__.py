@@ -30,7 +30,7 @@ STEPS: dict[str, str] = {
     "extract_features": "e2epath.features:cli",
     "extract_features_shard": "e2epath.features:cli_shard",
     "train_mil": "e2epath.train.twostage:cli",
-    "evaluate": "e2epath.evaluate.bootstrap:cli",
+    "evaluate": "e2epath.evaluate.evaluation:cli",
     "tables": "e2epath.evaluate.tables:cli",
     "figures_task": "e2epath.figures:cli_task",
     "figures_cohort": "e2epath.figures:cli_cohort",

@@ -1,11 +1,15 @@
-"""Bag datasets: multi-scale random instance sampling (paper eq. 2) and full bags.
+"""Bag datasets: multi-scale random instance sampling and full bags.
+
+Multi-scale random instance sampling is eq. 2 of W. Tang, R. Qin, H. Fang, F. Zhou, H. Chen, X. Li,
+M.-M. Cheng, "Revisiting End-to-End Learning with Slide-level Supervision in Computational
+Pathology", NeurIPS 2025, arXiv:2506.02408 ("the paper"; docs/method.md).
 
 A bag is a case: the patches of all its slides. Training draws ⌈s·σ_j⌉ patches per
 magnification j uniformly without replacement (with replacement only when the case has fewer),
 decodes them to RGB and draws geometric augmentation only: a RandomResizedCrop box and flips per
 patch. Loader workers do what only a CPU can (LMDB get + JPEG decode) and ship uint8 patches at
-their stored size plus the boxes; `resized_crops` then crops, flips, resizes and normalises
-(ImageNet RGB statistics) the whole bag in one batched `grid_sample` on the training device.
+their stored size plus the boxes; `transforms.resized_crops` then crops, flips, resizes and
+normalises (ImageNet RGB statistics) the whole bag in one batched `grid_sample` on the training device.
 On a GPU that costs nothing, and the loader runs at the speed of decoding (bench/loader.py).
 
 Every draw comes from a generator seeded by (seed, epoch, position in the epoch's order), so the
@@ -17,31 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .io import read_records
-from .preprocess.store import LmdbReader
+from .store import LmdbReader
+from .transforms import crop_boxes
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# Decode straight to RGB when OpenCV can (≥ 4.10), saving a colour conversion per patch.
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 @dataclass
 class Bag:
-    """One case: its slides' stores per magnification (slide order as in the manifest rows)."""
+    """One case: its slides' stores per magnification, slides in slide-id order."""
 
     case_id: str
     slides: list[str]
@@ -83,89 +80,8 @@ def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str]) 
 
 
 def scale_counts(n_instances: int, ratios: list[float]) -> list[int]:
-    """ŝ_j = ⌈s·σ_j⌉ (paper eq. 2); the tolerance keeps 0.3·10 from rounding up to 4."""
+    """ŝ_j = ⌈s·σ_j⌉ (eq. 2 of the paper); the tolerance keeps 0.3·10 from rounding up to 4."""
     return [math.ceil(n_instances * r - 1e-9) for r in ratios]
-
-
-def decode_rgb(jpeg: bytes) -> np.ndarray:
-    """JPEG bytes → RGB uint8 [H, W, 3]."""
-    buf = np.frombuffer(jpeg, np.uint8)
-    if _IMREAD_RGB is not None:
-        rgb = cv2.imdecode(buf, _IMREAD_RGB)
-    else:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        rgb = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    if rgb is None:
-        raise ValueError("patch is not a decodable JPEG")
-    return rgb
-
-
-def iter_rgb(store: LmdbReader, indices) -> Iterator[np.ndarray]:
-    """Decoded RGB patches ``indices`` of one store, decoded straight from LMDB's memory map.
-    Consume each patch before the next: one live decode buffer stays hot in the CPU cache."""
-    indices = list(indices)
-    for i, buf in zip(indices, store.iter_jpegs(indices)):
-        try:
-            rgb = decode_rgb(buf)
-        except ValueError as err:
-            raise ValueError(f"{store.path} patch {i}: {err}; re-run its patch job") from err
-        yield rgb
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [..., H, W, 3] → ImageNet-normalised float [..., 3, H, W] on x's device.
-
-    The result is a permuted view of NHWC memory, i.e. channels_last for 4-d input.
-    """
-    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=x.device)
-    inv_std = torch.as_tensor(1 / (IMAGENET_STD * 255), device=x.device)
-    y = (x.float() - mean) * inv_std
-    return y.movedim(-1, -3)
-
-
-def to_tensor(patches: np.ndarray) -> torch.Tensor:
-    """uint8 RGB [N, H, W, 3] → normalised float [N, 3, H, W] (contiguous, on the CPU)."""
-    return normalize(torch.from_numpy(np.ascontiguousarray(patches))).contiguous()
-
-
-def crop_boxes(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` RandomResizedCrop boxes (area 0.5–1, aspect 3/4–4/3) with flips:
-    float32 [n, 6] = x0, y0, width, height, flip_x, flip_y (pixels of an h × w patch)."""
-    area = h * w * rng.uniform(0.5, 1.0, n)
-    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
-    cw = np.minimum(w, np.round(np.sqrt(area * aspect)))
-    ch = np.minimum(h, np.round(np.sqrt(area / aspect)))
-    x0 = np.floor(rng.random(n) * (w - cw + 1))
-    y0 = np.floor(rng.random(n) * (h - ch + 1))
-    flips = rng.random((n, 2)) < 0.5
-    return np.column_stack([x0, y0, cw, ch, flips]).astype(np.float32)
-
-
-def full_boxes(n: int, h: int, w: int) -> torch.Tensor:
-    """Boxes that keep whole patches, unflipped (evaluation)."""
-    return torch.tensor([[0, 0, w, h, 0, 0]], dtype=torch.float32).repeat(n, 1)
-
-
-def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``boxes`` out of uint8 patches [N, H, W, 3], flip, resize to ``size`` (bilinear) and
-    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag."""
-    n, h, w = x.shape[:3]
-    if n == 0:
-        return torch.zeros(0, 3, size, size, device=x.device)
-    b = boxes.to(x.device, torch.float32)
-    sx = torch.where(b[:, 4] > 0, -1.0, 1.0) * b[:, 2] / w  # output [-1, 1] spans the box
-    sy = torch.where(b[:, 5] > 0, -1.0, 1.0) * b[:, 3] / h
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, (2 * b[:, 0] + b[:, 2]) / w - 1], -1),
-                         torch.stack([zero, sy, (2 * b[:, 1] + b[:, 3]) / h - 1], -1)], 1)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
-    return F.grid_sample(normalize(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return rgb
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
 
 
 class MultiScaleBagDataset(Dataset):
@@ -228,11 +144,13 @@ class MultiScaleBagDataset(Dataset):
         bag, picks = self.bags[index], self.sample(position)
         patches = None
         for (m, s), ks in _group(picks).items():
-            for k, rgb in zip(ks, iter_rgb(bag.stores[m][s], [picks[k][2] for k in ks])):
+            for k, rgb in zip(ks, bag.stores[m][s].iter_rgb([picks[k][2] for k in ks])):
                 if patches is None:
                     patches = _bag_buffer((len(picks), *rgb.shape))
-                elif rgb.shape != patches.shape[1:]:  # a store of another patch size: match the first
-                    rgb = resize(rgb, patches.shape[1])
+                elif rgb.shape != patches.shape[1:]:
+                    raise ValueError(f"case {bag.case_id}: {bag.stores[m][s].path} holds {rgb.shape[1]}-px "
+                                     f"patches, other stores of the case {patches.shape[2]}-px; every store of a "
+                                     "run has preprocess.patch_size: rerun its patch jobs")
                 patches.numpy()[k] = rgb
         rng = np.random.default_rng([self.seed, self.epoch, position, 1])
         boxes = crop_boxes(len(picks), *patches.shape[1:3], rng)
@@ -264,23 +182,12 @@ def _group(picks: list[tuple[int, int, int]]) -> dict[tuple[int, int], list[int]
 def iter_full_bag(bag: Bag, magnification: int, chunk: int):
     """Every patch of one magnification, slide by slide, in chunks.
 
-    Yields (slide_id, coords [n, 2], uint8 [n, P, P, 3]); `resized_crops` with `full_boxes` on
-    the device makes them model inputs exactly as in training, minus the randomness.
+    Yields (slide_id, coords [n, 2], uint8 [n, P, P, 3]); `transforms.model_inputs` on the device
+    makes them model inputs exactly as in training, minus the randomness.
     """
     for store in bag.stores.get(magnification, []):
         slide, coords = store.meta["slide_id"], store.coords
         for start in range(0, len(store), chunk):
             stop = min(start + chunk, len(store))
-            rgb = np.stack(list(iter_rgb(store, range(start, stop))))
+            rgb = np.stack(list(store.iter_rgb(range(start, stop))))
             yield slide, coords[start:stop], torch.from_numpy(rgb)
-
-
-def balanced_order(strata: np.ndarray, rng: np.random.Generator, oversample: bool) -> np.ndarray:
-    """An epoch's bag order; with ``oversample`` minority strata are drawn up to the majority size."""
-    index = np.arange(len(strata))
-    if oversample and len(np.unique(strata)) > 1:
-        groups = [index[strata == s] for s in np.unique(strata)]
-        top = max(len(g) for g in groups)
-        index = np.concatenate([np.concatenate([g, rng.choice(g, top - len(g), replace=True)])
-                                if len(g) < top else g for g in groups])
-    return rng.permutation(index)

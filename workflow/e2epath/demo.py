@@ -113,7 +113,7 @@ def _slide_kind(i: int) -> tuple[str, float, bool]:
     return "tiff", 0.5, True
 
 
-def design(n_slides: int = 24, seed: int = 0) -> list[SlideSpec]:
+def design(n_slides: int, seed: int) -> list[SlideSpec]:
     """Assign slides to cases, cases to classes, formats and pen marks — no pixels."""
     if not 1 <= n_slides <= 999:
         raise ValueError(f"n_slides must be between 1 and 999, got {n_slides}")
@@ -144,7 +144,7 @@ def design(n_slides: int = 24, seed: int = 0) -> list[SlideSpec]:
     return specs
 
 
-def plan(n_slides: int = 24, seed: int = 0) -> pd.DataFrame:
+def plan(n_slides: int, seed: int) -> pd.DataFrame:
     """The sample sheet rows ``write`` will produce (``path`` relative to the sheet's folder)."""
     rows = [(s.slide_id, s.path, s.case_id, s.sheet_mpp) for s in design(n_slides, seed)]
     return pd.DataFrame(rows, columns=SHEET_COLUMNS).astype({"mpp": float})
@@ -159,7 +159,7 @@ def subtype_labels(specs: list[SlideSpec]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["case_id", "label"])
 
 
-def survival_labels(specs: list[SlideSpec], seed: int = 0) -> pd.DataFrame:
+def survival_labels(specs: list[SlideSpec], seed: int) -> pd.DataFrame:
     """``case_id,time,event``: months; positive cases die sooner, about 70 % of events observed."""
     rng = np.random.default_rng([seed, 2])
     rows = []
@@ -277,7 +277,7 @@ def _stroma(rng: np.random.Generator, shape: tuple[int, int], base: np.ndarray) 
     return cv2.merge([cv2.convertScaleAbs(depth, alpha=-(255 - c), beta=255) for c in base])
 
 
-def render_slide(spec: SlideSpec, seed: int = 0, scale: float = 1.0) -> RenderedSlide:
+def render_slide(spec: SlideSpec, seed: int, scale: float = 1.0) -> RenderedSlide:
     """Paint one slide at ``CANVAS_MPP`` and resample it to its level-0 size."""
     rng = np.random.default_rng([seed, 3, spec.index])
     w, h = spec.size(scale)
@@ -377,7 +377,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def write(out_dir: str | Path, n_slides: int = 24, seed: int = 0, scale: float = 1.0) -> None:
+def write(out_dir: str | Path, n_slides: int, seed: int, scale: float = 1.0) -> None:
     """Write the demo cohort to ``out_dir``: slides.tsv, slides/, labels/, truth.tsv, truth/.
 
     ``scale`` shrinks the physical slide size (tests use small slides); the sheet is the same.
@@ -415,12 +415,12 @@ def write(out_dir: str | Path, n_slides: int = 24, seed: int = 0, scale: float =
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m e2epath demo --out resources/demo --n-slides 24 --seed 0``."""
+    """``python -m e2epath demo --out resources/demo --n-slides 24 --seed 0 --scale 1``."""
     ap = argparse.ArgumentParser(prog="e2epath demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("resources/demo"), help="cohort folder to write")
-    ap.add_argument("--n-slides", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scale", type=float, default=1.0, help="physical slide size factor (tests: < 1)")
+    ap.add_argument("--out", type=Path, required=True, help="cohort folder to write")
+    ap.add_argument("--n-slides", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--scale", type=float, required=True, help="physical slide size factor (tests: < 1)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     write(args.out, n_slides=args.n_slides, seed=args.seed, scale=args.scale)

@@ -1,4 +1,5 @@
-"""Give each concurrent GPU job its own device.
+"""Which device a job computes on: each concurrent GPU job gets its own GPU (`claim_gpu`), and
+PyTorch code asks `torch_device()` which one to use.
 
 Snakemake counts `gpu` resources but never says *which* GPU a job gets, so N concurrent jobs
 all land on GPU 0. A job claims a device by taking an exclusive `flock` on one lock file per
@@ -8,7 +9,8 @@ are honoured: the job only chooses among those.
 
 Devices are counted with `nvidia-smi`, never with CUDA in this process: once CUDA is
 initialised, a later `CUDA_VISIBLE_DEVICES` is ignored. Call `claim_gpu` before anything
-touches CUDA.
+touches CUDA. Claiming needs no PyTorch (every rule claims through workflow/scripts/step.py);
+`torch_device` imports it only when a step that computes with torch asks.
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ def candidate_devices() -> list[str]:
         except ValueError:
             raise ValueError(f"E2EPATH_GPU_COUNT={fake!r} is not a whole number of GPUs") from None
     return [str(i) for i in range(nvidia_smi_count())]
+
+
+def torch_device():
+    """The torch device this job computes on: its (first) claimed GPU when CUDA is available, else
+    the CPU. Mixed precision and channels_last are used on CUDA only."""
+    try:
+        import torch
+    except ImportError as err:  # the preprocessing env has no torch, and never asks
+        raise RuntimeError("this step computes with PyTorch, which is not installed in its environment") from err
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def nvidia_smi_count() -> int:

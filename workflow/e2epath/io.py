@@ -27,6 +27,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries a killed writer of ``path`` left behind (``.{name}.tmp-PID``).
+
+    Only the job that produces ``path`` writes it (Snakemake runs one job per output at a time),
+    so any temporary of ``path`` that is not this process's own is a leftover. Returns them.
+    """
+    path = Path(path)
+    mine = tmp_name(path)
+    stale = [p for p in path.parent.glob(f".{path.name}.tmp-*") if p != mine] if path.parent.is_dir() else []
+    for p in stale:
+        _remove(p)
+    return stale
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
@@ -36,6 +50,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = tmp_name(path)
     _remove(tmp)
     try:
@@ -83,6 +98,20 @@ def _cell(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return str(value)
+
+
+def table_cli(argv: list[str] | None, prog: str, fields: tuple[str, ...], what: str) -> int:
+    """`{prog} --out TABLE.tsv RECORD...`: the records of per-slide JSONs / shard tables in one TSV."""
+    import argparse
+    import logging
+
+    p = argparse.ArgumentParser(prog=prog, description=f"Aggregate {what} into one TSV (lists JSON-encoded).")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("jsons", nargs="*", type=Path)
+    a = p.parse_args(argv)
+    n = json_rows_to_tsv(a.jsons, fields, a.out)
+    logging.getLogger(__name__).info("wrote %d %s to %s", n, what, a.out)
+    return 0
 
 
 def json_rows_to_tsv(paths: list[Path], fields: tuple[str, ...], out: str | Path) -> int:

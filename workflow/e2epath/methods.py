@@ -1,8 +1,10 @@
-"""Resolve each configured method's hyper-parameters.
+"""Resolve each configured method's hyper-parameters; the one owner of method defaults.
 
 Precedence: the method's own keys > the family's `defaults` > the paper's per-task-type values
-(B.3) > the generic defaults below. The resolved dict is what a training job receives as a plain
-param, so changing one method's hyper-parameters reruns only that method's jobs.
+(appendix B.3 of W. Tang et al., "Revisiting End-to-End Learning with Slide-level Supervision in
+Computational Pathology", NeurIPS 2025, arXiv:2506.02408) > the generic defaults below. The
+resolved dict is what a training job receives as a plain param, so changing one method's
+hyper-parameters reruns only that method's jobs.
 """
 from __future__ import annotations
 
@@ -24,13 +26,13 @@ GENERIC: dict[str, Any] = {
     "oversample": True,
 }
 
-# Paper B.3: end-to-end per task type.
+# The paper, B.3: end-to-end per task type.
 E2E_PAPER: dict[str, dict[str, Any]] = {
     "grading": {"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5, "epochs": 200},
     "classification": {"optimizer": "adamw", "lr": 8e-5, "weight_decay": 0.0, "epochs": 75},
     "survival": {"optimizer": "adamw", "lr": 8e-5, "weight_decay": 5e-2, "epochs": 30},
 }
-# Paper B.3: two-stage (ResNet-50 features), full bags, batch size 1.
+# The paper, B.3: two-stage (ResNet-50 features), full bags, batch size 1.
 TWOSTAGE_PAPER: dict[str, dict[str, Any]] = {
     "grading": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 200},
     "classification": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 75},
@@ -68,7 +70,7 @@ def _check_sampling(name: str, spec: dict[str, Any]) -> None:
         raise ValueError(f"config method {name!r}: sampling.magnifications and sampling.ratios "
                          "must have the same length")
     if sampling and abs(sum(sampling["ratios"]) - 1.0) > 1e-6:
-        raise ValueError(f"config method {name!r}: sampling.ratios must sum to 1 (paper eq. 2), "
+        raise ValueError(f"config method {name!r}: sampling.ratios must sum to 1 (the paper's eq. 2), "
                          f"got {sum(sampling['ratios']):g}")
 
 

@@ -11,9 +11,15 @@ writes a marker holding a fingerprint of everything those outputs depend on (the
 parameters, the slide file's size and mtime, the upstream step's fingerprint); a slide whose
 marker matches and whose outputs exist is skipped. The shard's declared output is the list of
 its slides' records, each with its fingerprint, read by the next step and the aggregates.
+
+Every per-slide step (QC, tissue, patch, features) has one command-line skeleton for both kinds
+of job: its parser takes the step's parameters, then either one slide's inputs and output files or
+a shard's tables, output folders, marker folder and table (`add_outputs`); both build the same
+`Item`s, and `execute` runs them — one slide directly, a shard through `run`.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -64,6 +70,40 @@ class Item:
     payload: dict[str, Any]          # everything the outputs depend on
     outputs: list[Path]              # must all exist for the slide to count as done
     work: Callable[[], dict[str, Any]]  # writes the outputs, returns the slide's record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a shard job besides its inputs: the marker folder and the shard table."""
+    parser.add_argument("--done-dir", required=True, type=Path, help="this step's per-slide markers")
+    parser.add_argument("--out", required=True, type=Path, help="the shard table to write")
+
+
+# A step's outputs: per-slide option -> (per-shard folder option, file suffix of a slide's file there).
+Outputs = dict[str, tuple[str, str]]
+
+
+def add_outputs(parser: argparse.ArgumentParser, shard: bool, outputs: Outputs) -> None:
+    """A per-slide job takes a file per output; a shard job a folder per output, plus the marker
+    folder and its table (`add_arguments`)."""
+    for name, (folder, _) in outputs.items():
+        parser.add_argument("--" + (folder if shard else name).replace("_", "-"), required=True, type=Path)
+    if shard:
+        add_arguments(parser)
+
+
+def output_paths(args: argparse.Namespace, shard: bool, outputs: Outputs, slide_id: str) -> dict[str, Path]:
+    """The output files of one slide: as given (per-slide job), or ``{folder}/{slide}{suffix}`` (shard)."""
+    return {name: getattr(args, folder) / f"{slide_id}{suffix}" if shard else getattr(args, name)
+            for name, (folder, suffix) in outputs.items()}
+
+
+def execute(step: str, items: list[Item], args: argparse.Namespace, shard: bool) -> int:
+    """Run a step's items: the one item of a per-slide job, or a shard's (`run`)."""
+    if shard:
+        return run(step, items, args.done_dir, args.out)
+    for item in items:
+        item.work()
+    return 0
 
 
 def run(step: str, items: list[Item], done_dir: Path, out: Path) -> int:

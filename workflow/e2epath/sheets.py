@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 
 import pandas as pd
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-TASK_TYPES = ("classification", "grading", "survival")
+from .vocabulary import ID_RE, ID_RULE, TASK_TYPES
 
 
 class SheetError(ValueError):
@@ -37,8 +35,7 @@ def _check_ids(df: pd.DataFrame, col: str, where: str, problems: list[str], uniq
         if pd.isna(value):
             problems.append(f"{row}: empty {col}")
         elif not ID_RE.match(value):
-            problems.append(f"{row}: {col} {value!r} may only contain letters, digits, '.', '_' "
-                            "and '-' (it becomes a file name); rename it")
+            problems.append(f"{row}: {col} {value!r} may only contain {ID_RULE}; rename it")
     if unique:
         for value in df[col][df[col].duplicated()].dropna().unique():
             rows = [str(i + 2) for i in df.index[df[col] == value]]
@@ -138,7 +135,7 @@ def validate_all(config: dict, check_files: bool = True) -> pd.DataFrame:
     problems: list[str] = []
     for task, spec in config["tasks"].items():
         if not ID_RE.match(task):
-            problems.append(f"config tasks: task name {task!r} may only contain [A-Za-z0-9._-]")
+            problems.append(f"config tasks: task name {task!r} may only contain {ID_RULE}")
             continue
         try:
             load_labels(spec["labels"], task, spec["type"], cases)
@@ -158,6 +155,8 @@ def cli(argv: list[str] | None = None) -> int:
     tasks = {}
     for spec in args.labels:
         task, task_type, path = spec.split(":", 2)
+        if task_type not in TASK_TYPES:
+            ap.error(f"--labels {spec}: task type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
         tasks[task] = {"type": task_type, "labels": path}
     try:
         samples = validate_all({"samples": args.samples, "tasks": tasks})

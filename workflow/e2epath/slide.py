@@ -1,7 +1,7 @@
 """The only module that reads slides (through OpenSlide, and direct JPEG tiles in `tiles`): open,
 microns per pixel and its source, level choice, and windowed reads that fail loudly.
 
-Microns per pixel, in the order of DESIGN.md ("Resolution"):
+Microns per pixel, in this order (docs/resolution.md):
 
 1. ``openslide.mpp-x`` — OpenSlide already derives it from the vendor keys (``aperio.MPP``,
    Hamamatsu, MIRAX, Philips, Ventana, ...) and, since OpenSlide 4, from the TIFF resolution of
@@ -139,7 +139,7 @@ def slide_mpp(osr: openslide.AbstractSlide | Mapping[str, str],
 
 
 def choose_level(level_downsamples: Sequence[float], slide_mpp: float, target_mpp: float,
-                 tolerance: float = 0.1, allow_upsample: bool = False) -> tuple[int, float]:
+                 tolerance: float, allow_upsample: bool = False) -> tuple[int, float]:
     """The coarsest level still at least as fine as ``target_mpp`` (within ``tolerance``).
 
     A level is adequate when its mpp ≤ target · (1 + tolerance): a 0.2527 µm/px scan serves 40x

@@ -15,8 +15,13 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .io import atomic_path
 from .sheets import load_labels
+from .vocabulary import TASK_TYPES
 
 logger = logging.getLogger(__name__)
+
+
+# The config schema's `splits.mode` enum (tests/test_architecture.py).
+MODES = ("kfold", "holdout")
 
 
 class SplitError(ValueError):
@@ -99,8 +104,8 @@ def holdout(labels: pd.DataFrame, task_type: str, fractions: list[float], seed: 
 def make_splits(labels: pd.DataFrame, task_type: str, mode: str, k: int, val_fraction: float,
                 holdout_fractions: list[float], seed: int) -> pd.DataFrame:
     """Rows (case_id, fold, subset): every case is tested in exactly one fold (kfold) or once (holdout)."""
-    if mode not in ("kfold", "holdout"):
-        raise SplitError(f"unknown split mode {mode!r}; use kfold or holdout")
+    if mode not in MODES:
+        raise SplitError(f"unknown split mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "kfold" and k < 2:
         raise SplitError(f"splits.k = {k}: k-fold needs at least 2 folds (or use the holdout mode)")
     if not 0 <= val_fraction < 1:
@@ -117,12 +122,12 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", required=True, help="results/slides.tsv (cases that have slides)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--task", required=True)
-    ap.add_argument("--task-type", required=True)
-    ap.add_argument("--mode", default="kfold", choices=["kfold", "holdout"])
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--holdout", type=float, nargs=3, default=[0.7, 0.1, 0.2])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
+    ap.add_argument("--mode", required=True, choices=MODES)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--val-fraction", type=float, required=True)
+    ap.add_argument("--holdout", type=float, nargs=3, required=True, help="train, val, test fractions")
+    ap.add_argument("--seed", type=int, required=True)
     a = ap.parse_args(argv)
     cases = set(pd.read_csv(a.slides, sep="\t", dtype=str)["case_id"])
     labels = load_labels(a.labels, a.task, a.task_type, cases)

@@ -1,4 +1,5 @@
 # Sample sheet, config validation, input functions and wildcard constraints shared by all rules.
+# Paths come from e2epath.layout, names (ids, magnifications, encoders) from e2epath.vocabulary.
 import functools
 import json
 import sys
@@ -8,13 +9,12 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from e2epath import shards, sheets  # noqa: E402
+from e2epath import layout, shards, sheets  # noqa: E402
 from e2epath.devices import candidate_devices  # noqa: E402
 from e2epath.methods import magnifications_used, resolve_methods, with_task_defaults  # noqa: E402
+from e2epath.vocabulary import ENCODERS, FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
-STEP = str(Path(workflow.basedir) / "workflow" / "scripts" / "step.py")
-ENVS = Path(workflow.basedir) / "envs"
 
 # The demo cohort is planned (ids, paths) at parse time and written by the `demo_cohort` rule.
 DEMO = config["demo"]["enabled"] and not Path(config["samples"]).exists()
@@ -51,8 +51,17 @@ SHARDS = shards.assign(SLIDES, config["preprocess"]["shards"]) if config["prepro
 if not SHARDS and len(SLIDES) > 3000:
     logger.warning(f"{len(SLIDES)} slides with one job per slide and step: Snakemake needs minutes to plan "
                    f"each run; set preprocess.shards to about {len(SLIDES) // 20} (config/README.md)")
-E2E_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "e2e"]
-TS_METHODS = [m for m, spec in METHODS.items() if spec["family"] == "twostage"]
+# Minutes one slide takes per step (SLURM time limits): a per-slide job asks for this, a shard job
+# for this times its slides, a SLURM group for the sum of its members'.
+MINUTES_PER_SLIDE = {"slide_qc": 2, "tissue": 5, "patch": 15, "extract_features": 10}
+# Cores of a patch or feature job: its reading / decoding threads.
+SLIDE_THREADS = 2
+
+
+def per_attempt(mb):
+    """Memory that grows with the attempt: a job killed for memory is retried with more (SLURM
+    profile: `retries`)."""
+    return lambda wildcards, attempt: mb * attempt
 
 
 def folds():
@@ -61,17 +70,14 @@ def folds():
 
 
 wildcard_constraints:
-    slide=r"[A-Za-z0-9._-]+",
+    slide=ID_PATTERN,
     shard=r"shard\d+",
     task="|".join(TASKS),
-    mag=r"5|10|20|40",
+    mag="|".join(map(str, MAGNIFICATIONS)),
     fold=r"\d+",
-    method=r"[A-Za-z0-9._-]+",
-    encoder=r"resnet18|resnet50",
-
-
-def env(name):
-    return str(ENVS / f"{name}.yaml")
+    method=ID_PATTERN,
+    family="|".join(FAMILIES),
+    encoder="|".join(ENCODERS),
 
 
 def slide_path(wildcards):
@@ -111,7 +117,7 @@ def per_unit(per_slide, per_shard, **wildcards):
 
 @functools.cache
 def _patch_rows(mags):
-    return per_unit("results/patches/{mag}x/{slide}.json", "results/shards/patches/{mag}x/{shard}.json", mag=mags)
+    return per_unit(layout.PATCH_ROW, layout.SHARD_TABLES["patch"], mag=mags)
 
 
 def patch_rows(mags):
@@ -121,16 +127,16 @@ def patch_rows(mags):
 
 
 def qc_records():
-    return per_unit("results/slides/{slide}.json", "results/shards/qc/{shard}.json")
+    return per_unit(layout.QC_RECORD, layout.SHARD_TABLES["qc"])
 
 
 def thumbs():
     """Per-slide QC thumbnails (per-slide jobs only: shards list them in their tissue tables)."""
-    return [] if SHARDS else expand("results/tissue/thumbs/{slide}.png", slide=SLIDES)
+    return [] if SHARDS else expand(layout.TISSUE_THUMB, slide=SLIDES)
 
 
 def tissue_tables():
-    return expand("results/shards/tissue/{shard}.json", shard=SHARDS)
+    return expand(layout.SHARD_TABLES["tissue"], shard=SHARDS)
 
 
 def shard_column(column, missing=None):
@@ -143,8 +149,9 @@ def shard_column(column, missing=None):
     return values
 
 
-def shard_runtime(minutes_per_slide):
-    return lambda wildcards: minutes_per_slide * len(SHARDS[wildcards.shard])
+def shard_runtime(rule_name):
+    """A shard job's time limit: the per-slide minutes of its step times its slides."""
+    return lambda wildcards: MINUTES_PER_SLIDE[rule_name] * len(SHARDS[wildcards.shard])
 
 
 def fallback_mags(wildcards):
@@ -153,19 +160,14 @@ def fallback_mags(wildcards):
     return [m for m in MAGS if m <= int(wildcards.mag)]
 
 
-def predictions(task):
-    e2e = expand("results/e2e/{task}/{method}/fold{fold}/predictions.tsv", task=task,
-                 method=E2E_METHODS, fold=folds())
-    ts = expand("results/twostage/{task}/{method}/fold{fold}/predictions.tsv", task=task,
-                method=TS_METHODS, fold=folds())
-    return e2e + ts
+def run_files(task, name):
+    """File ``name`` (e2epath.layout.RUN_FILES) of every training run of ``task``."""
+    return [layout.run_file(name, METHODS[m]["family"], task, m, k) for m in METHODS for k in folds()]
 
 
 def all_outputs():
-    outs = ["results/slides.tsv", "results/patches/manifest.tsv"]
-    outs += expand("results/splits/{task}.tsv", task=TASKS)
-    outs += expand("results/metrics/{task}.tsv", task=TASKS)
-    outs += expand("results/tables/{task}.md", task=TASKS)
-    outs += expand("results/figures/{task}", task=TASKS)
-    outs += ["results/figures/cohort"]
+    outs = [layout.QC_TABLE, layout.MANIFEST]
+    for pattern in (layout.SPLITS, layout.METRICS, layout.TABLE_MD, layout.TASK_FIGURES):
+        outs += expand(pattern, task=TASKS)
+    outs += [layout.COHORT_FIGURES]
     return outs

@@ -4,17 +4,19 @@
 
 rule train_e2e:
     input:
-        splits="results/splits/{task}.tsv",
+        splits=layout.SPLITS,
         labels=lambda w: TASKS[w.task]["labels"],
-        slides="results/slides.tsv",
+        slides=layout.QC_TABLE,
         rows=method_rows,
     output:
-        model="results/e2e/{task}/{method}/fold{fold}/model.pt",
-        history="results/e2e/{task}/{method}/fold{fold}/history.tsv",
-        predictions="results/e2e/{task}/{method}/fold{fold}/predictions.tsv",
-        attention="results/e2e/{task}/{method}/fold{fold}/attention.npz",
+        model=layout.run_file("model", family="e2e"),
+        history=layout.run_file("history", family="e2e"),
+        predictions=layout.run_file("predictions", family="e2e"),
+        attention=layout.run_file("attention", family="e2e"),
+        run=layout.run_file("run", family="e2e"),
     params:
         step="train_e2e",
+        task="{task}",
         fold="{fold}",
         spec=method_json,
         seed=config["seed"],
@@ -26,7 +28,7 @@ rule train_e2e:
         "../../envs/train.yaml"
     threads: lambda w: 1 + method_spec(w)["workers"]
     resources:
-        mem_mb=16000,
+        mem_mb=per_attempt(16000),
         runtime=24 * 60,
         gpu=GPU,
     script:

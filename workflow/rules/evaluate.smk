@@ -3,10 +3,10 @@
 
 rule evaluate:
     input:
-        positional=lambda w: predictions(w.task),
+        runs=lambda w: run_files(w.task, "run"),  # each run says its family, method and fold
     output:
-        out="results/metrics/{task}.tsv",
-        paired_out="results/metrics/{task}_paired.tsv",
+        out=layout.METRICS,
+        paired_out=layout.PAIRED,
     params:
         step="evaluate",
         task="{task}",
@@ -16,10 +16,12 @@ rule evaluate:
         reference=config["evaluate"]["reference"],
     log:
         "results/logs/evaluate/{task}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{task}.tsv"
     conda:
         "../../envs/evaluate.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=per_attempt(4000),
         runtime=30,
     script:
         "../scripts/step.py"
@@ -27,18 +29,20 @@ rule evaluate:
 
 rule tables:
     input:
-        metrics="results/metrics/{task}.tsv",
+        metrics=layout.METRICS,
     output:
-        md_out=report("results/tables/{task}.md", caption="../report/table.rst", category="Tables"),
-        tex_out="results/tables/{task}.tex",
+        md_out=report(layout.TABLE_MD, caption="../report/table.rst", category="Tables"),
+        tex_out=layout.TABLE_TEX,
     params:
         step="tables",
     log:
         "results/logs/tables/{task}.log",
+    benchmark:
+        "results/benchmarks/tables/{task}.tsv"
     conda:
         "../../envs/evaluate.yaml"
     resources:
-        mem_mb=1000,
+        mem_mb=per_attempt(1000),
         runtime=5,
     script:
         "../scripts/step.py"

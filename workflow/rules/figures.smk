@@ -3,14 +3,12 @@
 
 rule figures_task:
     input:
-        metrics="results/metrics/{task}.tsv",
-        predictions=lambda w: predictions(w.task),
-        histories=lambda w: [p.replace("predictions.tsv", "history.tsv") for p in predictions(w.task)],
-        attention=lambda w: [p.replace("predictions.tsv", "attention.npz") for p in predictions(w.task)],
-        slides="results/slides.tsv",
+        metrics=layout.METRICS,
+        runs=lambda w: run_files(w.task, "run"),  # predictions, history, attention: in each run's folder
+        slides=layout.QC_TABLE,
     output:
         out_dir=report(
-            directory("results/figures/{task}"),
+            directory(layout.TASK_FIGURES),
             patterns=["{name}.png"],
             caption="../report/figures_task.rst",
             category="Figures",
@@ -20,14 +18,15 @@ rule figures_task:
         step="figures_task",
         task="{task}",
         task_type=lambda w: TASKS[w.task]["type"],
-        qc_dir=lambda w, input: str(Path(input.slides).with_suffix("")),  # results/slides/
         seed=config["seed"],
     log:
         "results/logs/figures/{task}.log",
+    benchmark:
+        "results/benchmarks/figures/{task}.tsv"
     conda:
         "../../envs/evaluate.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=per_attempt(4000),
         runtime=20,
     script:
         "../scripts/step.py"
@@ -35,13 +34,13 @@ rule figures_task:
 
 rule figures_cohort:
     input:
-        slides="results/slides.tsv",
-        manifest="results/patches/manifest.tsv",
+        slides=layout.QC_TABLE,
+        manifest=layout.MANIFEST,
         thumbs=thumbs(),
         tissue=tissue_tables(),
     output:
         out_dir=report(
-            directory("results/figures/cohort"),
+            directory(layout.COHORT_FIGURES),
             patterns=["{name}.png"],
             caption="../report/figures_cohort.rst",
             category="Cohort",
@@ -50,10 +49,12 @@ rule figures_cohort:
         step="figures_cohort",
     log:
         "results/logs/figures/cohort.log",
+    benchmark:
+        "results/benchmarks/figures/cohort.tsv"
     conda:
         "../../envs/evaluate.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=per_attempt(4000),
         runtime=20,
     script:
         "../scripts/step.py"

@@ -16,10 +16,12 @@ if DEMO:
             scale=config["demo"]["scale"],
         log:
             "results/logs/demo_cohort.log",
+        benchmark:
+            "results/benchmarks/demo_cohort.tsv"
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
+            mem_mb=per_attempt(4000),
             runtime=30,
         script:
             "../scripts/step.py"
@@ -33,7 +35,7 @@ if not SHARDS:
         input:
             path=slide_path,
         output:
-            out="results/slides/{slide}.json",
+            out=layout.QC_RECORD,
         params:
             step="qc",
             slide_id="{slide}",
@@ -41,22 +43,23 @@ if not SHARDS:
             sheet_mpp=sheet_mpp,
         log:
             "results/logs/slide_qc/{slide}.log",
+        benchmark:
+            "results/benchmarks/slide_qc/{slide}.tsv"
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=1000,
-            runtime=5,
+            mem_mb=per_attempt(1000),
+            runtime=MINUTES_PER_SLIDE["slide_qc"],
         script:
             "../scripts/step.py"
 
-
     rule tissue:
         input:
-            qc="results/slides/{slide}.json",
+            qc=layout.QC_RECORD,
         output:
-            mask_out="results/tissue/masks/{slide}.png",
-            geojson_out="results/tissue/contours/{slide}.geojson",
-            thumb_out="results/tissue/thumbs/{slide}.png",
+            mask_out=layout.TISSUE_MASK,
+            geojson_out=layout.TISSUE_CONTOURS,
+            thumb_out=layout.TISSUE_THUMB,
         params:
             step="tissue",
             preset=config["preprocess"]["tissue"]["preset"],
@@ -68,20 +71,19 @@ if not SHARDS:
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
-            runtime=15,
+            mem_mb=per_attempt(4000),
+            runtime=MINUTES_PER_SLIDE["tissue"],
         script:
             "../scripts/step.py"
 
-
     rule patch:
         input:
-            qc="results/slides/{slide}.json",
-            mask="results/tissue/masks/{slide}.png",
-            geojson="results/tissue/contours/{slide}.geojson",
+            qc=layout.QC_RECORD,
+            mask=layout.TISSUE_MASK,
+            geojson=layout.TISSUE_CONTOURS,
         output:
-            lmdb_out="results/lmdb/{mag}x/{slide}.lmdb",
-            row_out="results/patches/{mag}x/{slide}.json",
+            lmdb_out=layout.PATCH_STORE,
+            row_out=layout.PATCH_ROW,
         params:
             step="patch",
             magnification="{mag}",
@@ -90,15 +92,17 @@ if not SHARDS:
             tolerance=config["preprocess"]["mpp_tolerance"],
             allow_upsample=config["preprocess"]["allow_upsample"],
             jpeg_quality=config["preprocess"]["jpeg_quality"],
+            threads=lambda w, threads: threads,  # windows decoded in parallel
         log:
             "results/logs/patch/{mag}x/{slide}.log",
         benchmark:
             "results/benchmarks/patch/{mag}x/{slide}.tsv"
         conda:
             "../../envs/preprocess.yaml"
+        threads: SLIDE_THREADS
         resources:
-            mem_mb=4000,
-            runtime=60,
+            mem_mb=per_attempt(4000),
+            runtime=MINUTES_PER_SLIDE["patch"],
         script:
             "../scripts/step.py"
 
@@ -107,39 +111,41 @@ else:
 
     rule slide_qc_shard:
         input:
-            paths=shard_column("path"),
+            path=shard_column("path"),
         output:
-            out="results/shards/qc/{shard}.json",
+            out=layout.SHARD_TABLES["qc"],
         params:
             step="qc_shard",
-            slide_ids=lambda w: SHARDS[w.shard],
-            case_ids=shard_column("case_id"),
-            sheet_mpps=shard_column("mpp", missing="nan"),
-            qc_dir="results/slides",
-            done_dir="results/shards/done/qc",
+            slide_id=lambda w: SHARDS[w.shard],
+            case_id=shard_column("case_id"),
+            sheet_mpp=shard_column("mpp", missing="nan"),
+            qc_dir=layout.folder(layout.QC_RECORD),
+            done_dir=layout.SHARD_MARKERS["qc"],
         log:
             "results/logs/shards/slide_qc/{shard}.log",
+        benchmark:
+            "results/benchmarks/shards/slide_qc/{shard}.tsv"
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=1000,
-            runtime=shard_runtime(2),
+            mem_mb=per_attempt(1000),
+            runtime=shard_runtime("slide_qc"),
         script:
             "../scripts/step.py"
 
     rule tissue_shard:
         input:
-            qc="results/shards/qc/{shard}.json",
+            qc=layout.SHARD_TABLES["qc"],
         output:
-            out="results/shards/tissue/{shard}.json",
+            out=layout.SHARD_TABLES["tissue"],
         params:
             step="tissue_shard",
             preset=config["preprocess"]["tissue"]["preset"],
             seg_mpp=config["preprocess"]["tissue"]["seg_mpp"],
-            mask_dir="results/tissue/masks",
-            geojson_dir="results/tissue/contours",
-            thumb_dir="results/tissue/thumbs",
-            done_dir="results/shards/done/tissue",
+            mask_dir=layout.folder(layout.TISSUE_MASK),
+            geojson_dir=layout.folder(layout.TISSUE_CONTOURS),
+            thumb_dir=layout.folder(layout.TISSUE_THUMB),
+            done_dir=layout.SHARD_MARKERS["tissue"],
         log:
             "results/logs/shards/tissue/{shard}.log",
         benchmark:
@@ -147,17 +153,17 @@ else:
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
-            runtime=shard_runtime(5),
+            mem_mb=per_attempt(4000),
+            runtime=shard_runtime("tissue"),
         script:
             "../scripts/step.py"
 
     rule patch_shard:
         input:
-            qc="results/shards/qc/{shard}.json",
-            tissue="results/shards/tissue/{shard}.json",
+            qc=layout.SHARD_TABLES["qc"],
+            tissue=layout.SHARD_TABLES["tissue"],
         output:
-            out="results/shards/patches/{mag}x/{shard}.json",
+            out=layout.SHARD_TABLES["patch"],
         params:
             step="patch_shard",
             magnification="{mag}",
@@ -166,18 +172,20 @@ else:
             tolerance=config["preprocess"]["mpp_tolerance"],
             allow_upsample=config["preprocess"]["allow_upsample"],
             jpeg_quality=config["preprocess"]["jpeg_quality"],
-            lmdb_dir="results/lmdb/{mag}x",
-            row_dir="results/patches/{mag}x",
-            done_dir="results/shards/done/patch/{mag}x",
+            threads=lambda w, threads: threads,
+            lmdb_dir=layout.folder(layout.PATCH_STORE),
+            row_dir=layout.folder(layout.PATCH_ROW),
+            done_dir=layout.SHARD_MARKERS["patch"],
         log:
             "results/logs/shards/patch/{mag}x/{shard}.log",
         benchmark:
             "results/benchmarks/shards/patch/{mag}x/{shard}.tsv"
         conda:
             "../../envs/preprocess.yaml"
+        threads: SLIDE_THREADS
         resources:
-            mem_mb=4000,
-            runtime=shard_runtime(15),
+            mem_mb=per_attempt(4000),
+            runtime=shard_runtime("patch"),
         script:
             "../scripts/step.py"
 
@@ -186,15 +194,17 @@ rule qc_table:
     input:
         positional=qc_records(),
     output:
-        out="results/slides.tsv",
+        out=layout.QC_TABLE,
     params:
         step="qc_table",
     log:
         "results/logs/qc_table.log",
+    benchmark:
+        "results/benchmarks/qc_table.tsv"
     conda:
         "../../envs/preprocess.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=per_attempt(2000),
         runtime=10,
     script:
         "../scripts/step.py"
@@ -204,15 +214,17 @@ rule manifest:
     input:
         positional=patch_rows(MAGS),
     output:
-        out="results/patches/manifest.tsv",
+        out=layout.MANIFEST,
     params:
         step="manifest",
     log:
         "results/logs/manifest.log",
+    benchmark:
+        "results/benchmarks/manifest.tsv"
     conda:
         "../../envs/preprocess.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=per_attempt(2000),
         runtime=10,
     script:
         "../scripts/step.py"
@@ -220,7 +232,7 @@ rule manifest:
 
 rule preprocess:
     input:
-        "results/slides.tsv",
-        "results/patches/manifest.tsv",
+        layout.QC_TABLE,
+        layout.MANIFEST,
         thumbs(),
         tissue_tables(),

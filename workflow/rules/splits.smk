@@ -4,9 +4,9 @@
 rule splits:
     input:
         labels=lambda w: TASKS[w.task]["labels"],
-        slides="results/slides.tsv",
+        slides=layout.QC_TABLE,
     output:
-        out="results/splits/{task}.tsv",
+        out=layout.SPLITS,
     params:
         step="splits",
         task="{task}",
@@ -18,10 +18,12 @@ rule splits:
         seed=config["seed"],
     log:
         "results/logs/splits/{task}.log",
+    benchmark:
+        "results/benchmarks/splits/{task}.tsv"
     conda:
         "../../envs/train.yaml"
     resources:
-        mem_mb=1000,
+        mem_mb=per_attempt(1000),
         runtime=5,
     script:
         "../scripts/step.py"

@@ -1,23 +1,22 @@
 # Two-stage baseline: frozen-encoder features per slide, then MIL on full bags, same splits.
 
 TS = config["twostage"]
-TS_FEATURES = per_unit("results/features/{encoder}/{mag}x/{slide}.pt",
-                       "results/shards/features/{encoder}/{mag}x/{shard}.json",
-                       encoder=TS["encoder"], mag=TS["magnification"])
+TS_FEATURES = per_unit(layout.FEATURES, layout.SHARD_TABLES["features"], encoder=TS["encoder"],
+                       mag=TS["magnification"])
 
 
 if not SHARDS:
 
     rule extract_features:
         input:
-            rows=lambda w: expand("results/patches/{mag}x/{slide}.json", mag=fallback_mags(w), slide=w.slide),
+            rows=lambda w: expand(layout.PATCH_ROW, mag=fallback_mags(w), slide=w.slide),
         output:
-            out="results/features/{encoder}/{mag}x/{slide}.pt",
+            out=layout.FEATURES,
         params:
             step="extract_features",
             encoder="{encoder}",
             magnification="{mag}",
-            weights=str(TS["weights"]),  # "None" = random init; a missing flag would mean "auto"
+            weights=str(TS["weights"]),  # "None" = random init; see e2epath.models.build_encoder
             input_size=TS["input_size"],
             batch_size=TS["batch_size"],
             seed=config["seed"],
@@ -28,10 +27,10 @@ if not SHARDS:
             "results/benchmarks/extract_features/{encoder}/{mag}x/{slide}.tsv"
         conda:
             "../../envs/train.yaml"
-        threads: 2
+        threads: SLIDE_THREADS
         resources:
-            mem_mb=8000,
-            runtime=60,
+            mem_mb=per_attempt(8000),
+            runtime=MINUTES_PER_SLIDE["extract_features"],
             gpu=GPU,
         script:
             "../scripts/step.py"
@@ -41,9 +40,9 @@ else:
 
     rule extract_features_shard:
         input:
-            rows=lambda w: expand("results/shards/patches/{mag}x/{shard}.json", mag=fallback_mags(w), shard=w.shard),
+            rows=lambda w: expand(layout.SHARD_TABLES["patch"], mag=fallback_mags(w), shard=w.shard),
         output:
-            out="results/shards/features/{encoder}/{mag}x/{shard}.json",
+            out=layout.SHARD_TABLES["features"],
         params:
             step="extract_features_shard",
             encoder="{encoder}",
@@ -53,18 +52,18 @@ else:
             batch_size=TS["batch_size"],
             seed=config["seed"],
             workers=lambda w, threads: threads,
-            feature_dir="results/features/{encoder}/{mag}x",
-            done_dir="results/shards/done/features/{encoder}/{mag}x",
+            feature_dir=layout.folder(layout.FEATURES),
+            done_dir=layout.SHARD_MARKERS["features"],
         log:
             "results/logs/shards/extract_features/{encoder}/{mag}x/{shard}.log",
         benchmark:
             "results/benchmarks/shards/extract_features/{encoder}/{mag}x/{shard}.tsv"
         conda:
             "../../envs/train.yaml"
-        threads: 2
+        threads: SLIDE_THREADS
         resources:
-            mem_mb=8000,
-            runtime=shard_runtime(10),
+            mem_mb=per_attempt(8000),
+            runtime=shard_runtime("extract_features"),
             gpu=GPU,
         script:
             "../scripts/step.py"
@@ -72,17 +71,19 @@ else:
 
 rule train_mil:
     input:
-        splits="results/splits/{task}.tsv",
+        splits=layout.SPLITS,
         labels=lambda w: TASKS[w.task]["labels"],
-        slides="results/slides.tsv",
+        slides=layout.QC_TABLE,
         features=TS_FEATURES,
     output:
-        model="results/twostage/{task}/{method}/fold{fold}/model.pt",
-        history="results/twostage/{task}/{method}/fold{fold}/history.tsv",
-        predictions="results/twostage/{task}/{method}/fold{fold}/predictions.tsv",
-        attention="results/twostage/{task}/{method}/fold{fold}/attention.npz",
+        model=layout.run_file("model", family="twostage"),
+        history=layout.run_file("history", family="twostage"),
+        predictions=layout.run_file("predictions", family="twostage"),
+        attention=layout.run_file("attention", family="twostage"),
+        run=layout.run_file("run", family="twostage"),
     params:
         step="train_mil",
+        task="{task}",
         fold="{fold}",
         spec=method_json,
         seed=config["seed"],
@@ -93,7 +94,7 @@ rule train_mil:
     conda:
         "../../envs/train.yaml"
     resources:
-        mem_mb=8000,
+        mem_mb=per_attempt(8000),
         runtime=6 * 60,
         gpu=GPU,
     script:

@@ -1,8 +1,8 @@
-"""Results tables (Markdown + LaTeX) from `results/metrics/{task}.tsv`, laid out like the paper's
-Tables 1–2: pooled results, one row per method grouped two-stage then end-to-end, one column per
-metric, cells ``mean [ci_low, ci_high]`` of the bootstrap, ×100 with one decimal (the paper
-reports ×100). The best mean of each column (at the shown precision) is bold; every metric is
-higher-is-better.
+"""Results tables (Markdown + LaTeX) from `results/metrics/{task}.tsv`, laid out like Tables 1–2
+of the ABMILX paper (Tang et al., NeurIPS 2025, arXiv:2506.02408; docs/method.md): pooled results,
+one row per method grouped two-stage then end-to-end, one column per metric, cells
+``mean [ci_low, ci_high]`` of the bootstrap, ×100 with one decimal (the paper reports ×100). The
+best mean of each column (at the shown precision) is bold; every metric is higher-is-better.
 
 `python -m e2epath tables --metrics results/metrics/T.tsv --md-out results/tables/T.md
 --tex-out results/tables/T.tex [--decimals 1] [--caption TEXT]`
@@ -17,11 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_bytes
+from ..vocabulary import METRIC_LABELS
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = {"auc": "AUC", "accuracy": "Acc.", "balanced_accuracy": "Bal. Acc.",
-                "macro_f1": "Macro F1", "qwk": "QWK", "c_index": "C-index"}
 GROUPS = (("twostage", "Two-stage"), ("e2e", "End-to-end"))
 SCALE = 100.0
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -41,7 +40,7 @@ def pooled_table(metrics: pd.DataFrame) -> pd.DataFrame:
     pooled = metrics[metrics["fold"].astype(str) == "pooled"]
     if pooled.empty:
         raise ValueError("metrics table has no pooled rows; produce it with `e2epath evaluate`")
-    order = [m for m in METRIC_NAMES if m in set(pooled["metric"])]
+    order = [m for m in METRIC_LABELS if m in set(pooled["metric"])]
     order += sorted(set(pooled["metric"]) - set(order))
     cells = pooled.assign(cell=list(zip(pooled["mean"], pooled["ci_low"], pooled["ci_high"])))
     table = cells.pivot(index=["family", "method"], columns="metric", values="cell")
@@ -80,7 +79,7 @@ def _groups(table: pd.DataFrame):
 
 def to_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
     text, best = _cells(table, decimals)
-    heads = [METRIC_NAMES.get(m, m) for m in table.columns]
+    heads = [METRIC_LABELS.get(m, m) for m in table.columns]
     lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for title, rows in _groups(table):
         lines.append(f"| *{title}* |" + " |" * len(heads))
@@ -94,7 +93,7 @@ def to_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
 def to_latex(table: pd.DataFrame, decimals: int = 1, caption: str = "", label: str = "") -> str:
     """A booktabs table; ``caption`` is plain text (escaped here)."""
     text, best = _cells(table, decimals)
-    heads = [tex_escape(METRIC_NAMES.get(m, m)) for m in table.columns]
+    heads = [tex_escape(METRIC_LABELS.get(m, m)) for m in table.columns]
     ncol = len(heads) + 1
     lines = [r"\begin{table}[t]", r"\centering"]
     if caption:

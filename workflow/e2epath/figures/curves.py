@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from e2epath.figures.common import FAMILY_STYLE, FigureSkipped, display_names, method_colors, ordered
+from e2epath.figures.common import FAMILY_STYLE, FigureSkipped, method_colors, ordered
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ PANELS = (("train_loss", "training loss"), ("val_metric", "validation metric"))
 def check_history(df: pd.DataFrame, name: str) -> pd.DataFrame:
     missing = [c for c in ("epoch", "train_loss", "val_metric") if c not in df.columns]
     if missing:
-        raise ValueError(f"{name}: history.tsv lacks column(s) {missing} (see CONTRACTS.md)")
+        raise ValueError(f"{name}: history.tsv lacks column(s) {missing} (see docs/contracts.md)")
     return df.sort_values("epoch")
 
 
@@ -30,19 +30,18 @@ def plot_curves(histories: dict[tuple[str, str], dict[int, pd.DataFrame]], val_l
     keys = ordered(histories)
     if not keys:
         raise FigureSkipped("no training histories")
-    names = display_names(keys)
     colors = method_colors(keys)
     fig = Figure(figsize=(10.0, 4.0), layout="constrained")
     axes = fig.subplots(1, len(PANELS))
     for key in keys:
-        folds = {k: check_history(df, f"{names[key]} fold {k}") for k, df in histories[key].items()}
+        folds = {k: check_history(df, f"{key[1]} fold {k}") for k, df in histories[key].items()}
         style = FAMILY_STYLE.get(key[0], "-")
         for ax, (col, _) in zip(axes, PANELS):
             for df in folds.values():
                 ax.plot(df["epoch"], df[col], style, color=colors[key], lw=0.7, alpha=0.45)
             mean = pd.concat(folds.values()).groupby("epoch")[col].mean()
             ax.plot(mean.index, mean.to_numpy(float), style, color=colors[key], lw=2.0,
-                    label=f"{names[key]} ({len(folds)} folds)")
+                    label=f"{key[1]} ({len(folds)} folds)")
     for ax, (col, label) in zip(axes, PANELS):
         ax.set(xlabel="epoch", ylabel=val_label if col == "val_metric" and val_label else label, title=label)
         ax.grid(alpha=0.3)

@@ -8,25 +8,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from e2epath.figures.common import FAMILIES, FAMILY_LABEL, FigureSkipped
+from e2epath.figures.common import FigureSkipped
+from e2epath.vocabulary import FAMILIES, FAMILY_LABELS, METRIC_LABELS
 
 logger = logging.getLogger(__name__)
 
-METRIC_LABEL = {"auc": "AUC", "qwk": "quadratic weighted κ", "c_index": "C-index"}
-COLUMNS = ("method", "fold", "metric", "point", "mean", "ci_low", "ci_high", "n_cases")
+COLUMNS = ("method", "family", "fold", "metric", "point", "mean", "ci_low", "ci_high", "n_cases")
 ROW_IN = 0.35
 
 
-def read_metrics(path, families: dict[str, str] | None = None) -> pd.DataFrame:
-    """The metrics table; a missing ``family`` column is filled from ``families`` (method → family)."""
+def read_metrics(path) -> pd.DataFrame:
+    """The metrics table of `e2epath evaluate`; the error names the file and the missing columns."""
     df = pd.read_csv(path, sep="\t", dtype={"method": str, "fold": str})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: metrics table lacks column(s) {missing} (see CONTRACTS.md Evaluation)")
-    if "family" not in df.columns:
-        fam = families or {}
-        df["family"] = [fam.get(m, m.split("/")[0] if m.split("/")[0] in FAMILIES else "unknown")
-                        for m in df["method"]]
+        raise ValueError(f"{path}: metrics table lacks column(s) {missing} (see docs/contracts.md Evaluation)")
     return df
 
 
@@ -46,7 +42,7 @@ def plot_forest(metrics: pd.DataFrame, metric: str, title: str = "") -> Figure:
     # y positions from the top, with a header line per family
     labels, ys, heads, y = [], [], [], 0
     for family, group in rows.groupby("family", sort=False):
-        heads.append((y, FAMILY_LABEL.get(family, family)))
+        heads.append((y, FAMILY_LABELS[family]))
         y += 1
         for i in group.index:
             labels.append(i)
@@ -74,6 +70,6 @@ def plot_forest(metrics: pd.DataFrame, metric: str, title: str = "") -> Figure:
         ax.axvline(0.5, color="grey", ls=":", lw=1)  # chance level
     if metric == "qwk":
         ax.axvline(0.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel(f"{METRIC_LABEL.get(metric, metric)} — pooled bootstrap mean, 95 % CI (grey: folds)")
+    ax.set_xlabel(f"{METRIC_LABELS[metric]} — pooled bootstrap mean, 95 % CI (grey: folds)")
     ax.set_title(title or "Methods compared")
     return fig

@@ -1,9 +1,10 @@
 """Attention heatmaps over slide thumbnails: rows are test slides, columns are E2E ABMILX,
 E2E ABMIL and two-stage ABMIL (whichever of them were trained).
 
-Each patch is a square at its level-0 coords, of side the patch size in level-0 px
-(``__patch_size_l0__`` in the npz when present, else the grid spacing of the coords), coloured by
-its attention averaged over heads and min–max normalised within the slide.
+Each patch is a square at its level-0 coords, of side the grid spacing of the coords (the patch
+size in level-0 px: the patch grid does not overlap), coloured by its attention averaged over
+heads and min–max normalised within the slide. Slide files are found through the QC table
+(`results/slides.tsv`); training runs through `e2epath.layout`.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from e2epath.figures.common import FigureSkipped, RunFile, display_names
-from e2epath.io import read_json
+from e2epath.figures.common import FigureSkipped
+from e2epath.layout import Run
 from e2epath.slide import SlideError, open_slide
 
 logger = logging.getLogger(__name__)
@@ -60,17 +61,13 @@ def slide_ids(npz) -> list[str]:
 def read_slide(npz, slide: str, source: str) -> SlideAttention:
     """Attention and coords of one slide from an open attention.npz; errors name file and key."""
     if f"{slide}__coords" not in npz.files:
-        raise ValueError(f"{source}: key {slide}__coords missing (see CONTRACTS.md attention.npz)")
+        raise ValueError(f"{source}: key {slide}__coords missing (see docs/contracts.md attention.npz)")
     att = np.asarray(npz[slide], dtype=np.float64)
     coords = np.asarray(npz[f"{slide}__coords"]).astype(np.int64).reshape(-1, 2)
     att = att.reshape(1, -1) if att.ndim == 1 else att
     if att.shape[1] != len(coords):
         raise ValueError(f"{source}: {slide} has {att.shape[1]} attention values but {len(coords)} coords")
-    if "__patch_size_l0__" in npz.files:
-        patch = int(np.asarray(npz["__patch_size_l0__"]).ravel()[0])
-    else:
-        patch = infer_patch_size(coords) or 0
-    return SlideAttention(att.mean(axis=0), coords, patch)
+    return SlideAttention(att.mean(axis=0), coords, infer_patch_size(coords) or 0)
 
 
 def minmax(x: np.ndarray) -> np.ndarray:
@@ -132,47 +129,44 @@ def choose_methods(keys: list[tuple[str, str]]) -> list[tuple[str, tuple[str, st
     return out
 
 
-def slide_path(slide: str, qc_dir: Path | None, slides_tsv: pd.DataFrame | None) -> Path | None:
-    """The slide file from its QC JSON (``path``), else from slides.tsv; None when unusable."""
-    if qc_dir is not None and (qc_dir / f"{slide}.json").is_file():
-        qc = read_json(qc_dir / f"{slide}.json")
-        if qc.get("status", "ok") != "ok":
-            logger.warning("attention: slide %s failed QC (%s) — not shown", slide, qc.get("error"))
-            return None
-        if not qc.get("path"):
-            raise ValueError(f"{qc_dir / f'{slide}.json'}: no 'path' key (see CONTRACTS.md Slide QC)")
-        return Path(qc["path"])
-    if slides_tsv is not None and slide in set(slides_tsv["slide_id"].astype(str)):
-        return Path(slides_tsv.set_index(slides_tsv["slide_id"].astype(str)).loc[slide, "path"])
-    logger.warning("attention: no QC JSON %s/%s.json nor slides.tsv row for slide %s — not shown",
-                   qc_dir, slide, slide)
-    return None
+def slide_path(slide: str, slides: pd.DataFrame) -> Path | None:
+    """The slide file from the QC table; None (logged) when the slide failed QC or is not in it."""
+    rows = slides[slides["slide_id"].astype(str) == slide]
+    if rows.empty:
+        logger.warning("attention: slide %s is not in the QC table — not shown", slide)
+        return None
+    row = rows.iloc[0]
+    if row["status"] != "ok":
+        logger.warning("attention: slide %s failed QC (%s) — not shown", slide, row.get("error"))
+        return None
+    return Path(row["path"])
 
 
-def plot_attention(files: list[RunFile], qc_dir: Path | None, slides_tsv: pd.DataFrame | None = None,
-                   n_slides: int = 3, seed: int = 0, title: str = "") -> Figure:
+def plot_attention(runs: list[Run], slides: pd.DataFrame, n_slides: int = 3, seed: int = 0,
+                   title: str = "") -> Figure:
+    """``runs``: training runs whose attention.npz exists; ``slides``: the QC table (slide paths)."""
     with ExitStack() as stack:  # the npz files stay open (lazily read) until the figure is drawn
-        return _plot_attention(stack, files, qc_dir, slides_tsv, n_slides, seed, title)
+        return _plot_attention(stack, runs, slides, n_slides, seed, title)
 
 
-def _plot_attention(stack: ExitStack, files: list[RunFile], qc_dir: Path | None,
-                    slides_tsv: pd.DataFrame | None, n_slides: int, seed: int, title: str) -> Figure:
-    by_key: dict[tuple[str, str], list[RunFile]] = {}
-    for f in files:
-        by_key.setdefault(f.key, []).append(f)
+def _plot_attention(stack: ExitStack, runs: list[Run], slides: pd.DataFrame, n_slides: int, seed: int,
+                    title: str) -> Figure:
+    by_key: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(run.key, []).append(run)
     columns = choose_methods(list(by_key))
     if not columns:
         raise FigureSkipped(f"no attention from an ABMILX / ABMIL method (methods: "
                             f"{sorted(m for _, m in by_key) or 'none'})")
-    npzs = {key: [(f, stack.enter_context(np.load(f.path))) for f in sorted(by_key[key], key=lambda f: f.fold)]
-            for _, key in columns}
+    npzs = {key: [(f, stack.enter_context(np.load(f.path("attention"))))
+                  for f in sorted(by_key[key], key=lambda f: f.fold)] for _, key in columns}
     where = {key: {s: (f, z) for f, z in npzs[key] for s in slide_ids(z)} for key in npzs}
     common = sorted(set.intersection(*(set(w) for w in where.values())))
     if not common:
         raise FigureSkipped("the attention files share no slide")
     thumbs = {}
     for s in np.random.default_rng(seed).permutation(common):  # seeded choice of the slides shown
-        p = slide_path(str(s), qc_dir, slides_tsv)
+        p = slide_path(str(s), slides)
         if p is None:
             continue
         try:
@@ -185,7 +179,6 @@ def _plot_attention(stack: ExitStack, files: list[RunFile], qc_dir: Path | None,
         raise FigureSkipped("no candidate slide has a readable slide file")
     logger.info("attention: slides %s (seed %d) × columns %s", ", ".join(thumbs), seed,
                 ", ".join(f"{t} = {k[0]}/{k[1]}" for t, k in columns))
-    names = display_names(list(by_key))
     heights = [CELL_IN * t.shape[0] / t.shape[1] for t, _ in thumbs.values()]
     fig = Figure(figsize=(CELL_IN * len(columns) + 0.8, sum(heights) + 0.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(thumbs), len(columns), squeeze=False,
@@ -193,17 +186,17 @@ def _plot_attention(stack: ExitStack, files: list[RunFile], qc_dir: Path | None,
     for r, (slide, (rgb, ds)) in enumerate(thumbs.items()):
         for c, (col_title, key) in enumerate(columns):
             f, z = where[key][slide]
-            att = read_slide(z, slide, str(f.path))
+            att = read_slide(z, slide, str(f.path("attention")))
             if att.patch_l0 <= 0:
-                logger.warning("attention: %s %s has one patch and no __patch_size_l0__; drawn as one "
-                               "thumbnail pixel", names[key], slide)
+                logger.warning("attention: %s %s has a single patch (no grid spacing); drawn as one "
+                               "thumbnail pixel", key[1], slide)
             raster = attention_raster(att.coords, minmax(att.scores), max(att.patch_l0, 1), rgb.shape[:2], ds)
             ax = axes[r, c]
             ax.imshow(overlay(rgb, raster), interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"{col_title}\n{names[key]}", fontsize=9)
+                ax.set_title(f"{col_title}\n{key[1]}", fontsize=9)
             if c == 0:
                 ax.set_ylabel(slide, fontsize=8)
             ax.set_xlabel(f"fold {f.fold}, {len(att.scores)} patches", fontsize=7)

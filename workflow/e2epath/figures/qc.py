@@ -30,7 +30,7 @@ def read_table(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame
                      na_values=[""])
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: {what} lacks column(s) {missing} (see CONTRACTS.md)")
+        raise ValueError(f"{path}: {what} lacks column(s) {missing} (see docs/contracts.md)")
     return df
 
 
@@ -49,23 +49,12 @@ def patch_summary(manifest: pd.DataFrame) -> dict[str, str]:
     return {s: " ".join(t for _, t in sorted(v)) for s, v in out.items()}
 
 
-def find_thumb(slide: str, thumbs_dir: Path | None, thumbs: dict[str, Path]) -> Path | None:
-    if slide in thumbs:
-        return thumbs[slide]
-    if thumbs_dir is not None:
-        for name in (f"{slide}.png", f"{slide}_qc.png"):
-            if (thumbs_dir / name).is_file():
-                return thumbs_dir / name
-    return None
-
-
 def first_words(text, n: int = 12) -> str:
     words = str(text or "no error recorded").split()
     return " ".join(words[:n]) + (" …" if len(words) > n else "")
 
 
-def plot_qc_montage(slides: pd.DataFrame, manifest: pd.DataFrame, thumbs_dir: Path | None,
-                    thumbs: dict[str, Path] | None = None) -> Figure:
+def plot_qc_montage(slides: pd.DataFrame, manifest: pd.DataFrame, thumbs: dict[str, Path]) -> Figure:
     """A grid of QC thumbnails (slide id, status, patches per magnification); failed slides and
     missing thumbnails are grey tiles that say why."""
     if slides.empty:
@@ -81,13 +70,13 @@ def plot_qc_montage(slides: pd.DataFrame, manifest: pd.DataFrame, thumbs_dir: Pa
     tiles = tqdm(list(slides.sort_values("slide_id").itertuples()), desc="QC montage", unit="slide")
     for ax, r in zip(axes, tiles):
         slide = str(r.slide_id)
-        thumb = find_thumb(slide, thumbs_dir, thumbs or {})
+        thumb = thumbs.get(slide)
         note = None
         if r.status != "ok":
             note = first_words(r.error)
         elif thumb is None:
             note = "no QC thumbnail"
-            logger.warning("QC montage: no thumbnail for slide %s in %s", slide, thumbs_dir)
+            logger.warning("QC montage: no thumbnail for slide %s", slide)
         if note is None:
             ax.imshow(mpimg.imread(thumb))
         else:

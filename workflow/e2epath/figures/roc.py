@@ -20,41 +20,23 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from e2epath.evaluate.bootstrap import resample_indices
-from e2epath.evaluate.metrics import class_order, weighted_auc
-from e2epath.figures.common import (FAMILY_LABEL, FAMILY_STYLE, FigureSkipped, display_names, method_colors,
-                                    ordered)
+from e2epath.figures.common import FAMILY_STYLE, FigureSkipped, method_colors, ordered
+from e2epath.metrics import prepare, weighted_auc
+from e2epath.vocabulary import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 
 
-
-def encode(df: pd.DataFrame, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(classes, labels as class indices, probabilities cases × classes) of a predictions table."""
-    prob_cols = {c[len("prob_"):]: c for c in df.columns if c.startswith("prob_")}
-    if "label" not in df.columns or len(prob_cols) < 2:
-        raise FigureSkipped(f"{name}: predictions need label and ≥ 2 prob_<class> columns for a ROC; "
-                            f"got {list(df.columns)}")
-    classes = class_order(prob_cols)
-    index = {c: i for i, c in enumerate(classes)}
-    numeric = {}
-    for c in classes:  # tolerate 1 vs "1" vs 1.0 from dtype guessing
-        try:
-            numeric[float(c)] = c
-        except ValueError:
-            pass
-    y = []
-    for case, lab in zip(df["case_id"], df["label"].astype(str)):
-        if lab not in index:
-            try:
-                lab = numeric[float(lab)]
-            except (ValueError, KeyError):
-                raise ValueError(f"{name}: case {case} has label {lab!r}, not one of the prob_ classes "
-                                 f"{classes}") from None
-        y.append(index[lab])
-    prob = df[[prob_cols[c] for c in classes]].to_numpy(float)
-    return classes, np.asarray(y, int), prob
+def encode(df: pd.DataFrame, task_type: str, name: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, labels as class indices, probabilities cases × classes, test fold of each case) of
+    pooled predictions with a ``fold`` column, read as the evaluation reads them (`metrics.prepare`)."""
+    try:
+        cases = prepare(task_type, df, strata="fold")
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    return cases.classes, cases.y, cases.prob, cases.strata
 
 
 def _tpr_on_grid(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -121,24 +103,22 @@ def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: flo
     return tpr, lo, hi, auc, (float(a_lo), float(a_hi))
 
 
-def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], n_boot: int = 200, seed: int = 0,
-             auc_ci: dict[str, tuple[float, float]] | None = None, title: str = "") -> Figure:
+def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], task_type: str, n_boot: int = 200,
+             seed: int = 0, auc_ci: dict[str, tuple[float, float]] | None = None, title: str = "") -> Figure:
     """One curve per method (the test folds' curves averaged) with its band; AUC [95 % CI] in the legend.
 
-    ``auc_ci`` (display name → interval, from the metrics table) replaces the band's own interval,
+    ``auc_ci`` (method → interval, from the metrics table) replaces the band's own interval,
     so the legend agrees with the tables.
     """
-    names = display_names(list(methods))
     colors = method_colors(list(methods))
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
     ax = fig.subplots()
     drawn = 0
     for key in ordered(methods):
-        name = names[key]
+        name = key[1]
         folds = methods[key]
-        pooled = pd.concat([folds[k] for k in sorted(folds)], ignore_index=True)
-        fold = np.repeat(sorted(folds), [len(folds[k]) for k in sorted(folds)])
-        classes, y, prob = encode(pooled, name)
+        pooled = pd.concat([folds[k].assign(fold=k) for k in sorted(folds)], ignore_index=True)
+        classes, y, prob, fold = encode(pooled, task_type, name)
         usable = _usable(y, len(classes), fold)
         if not usable:
             logger.warning("ROC: %s — no test fold holds both a positive and a negative case (%s); "
@@ -150,7 +130,7 @@ def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], n_boot: in
                            "case; macro average over the others", name, left_out)
         tpr, lo, hi, auc, ci = roc_band(y, prob, n_boot, seed, fold=fold)
         ci = (auc_ci or {}).get(name, ci)
-        label = f"{name} ({FAMILY_LABEL.get(key[0], key[0])}) AUC {auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        label = f"{name} ({FAMILY_LABELS[key[0]]}) AUC {auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
         ax.fill_between(FPR_GRID, lo, hi, color=colors[key], alpha=0.15, linewidth=0)
         ax.plot(FPR_GRID, tpr, FAMILY_STYLE.get(key[0], "-"), color=colors[key], lw=1.8, label=label)
         drawn += 1

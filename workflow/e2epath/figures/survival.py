@@ -14,7 +14,8 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test
 from matplotlib.figure import Figure
 
-from e2epath.figures.common import FAMILY_LABEL, FigureSkipped, display_names, ordered
+from e2epath.figures.common import FigureSkipped, ordered
+from e2epath.vocabulary import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,10 @@ def plot_km(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], title: str 
     keys = ordered(methods)
     if not keys:
         raise FigureSkipped("no survival predictions")
-    names = display_names(keys)
     fig = Figure(figsize=(PANEL_IN * len(keys), PANEL_IN), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(keys), sharex=True, sharey=True))
     for ax, key in zip(axes, keys):
-        split = median_split(methods[key], names[key])
+        split = median_split(methods[key], key[1])
         p = logrank_p(split)
         for group, color, label in ((True, HIGH, "high risk"), (False, LOW, "low risk")):
             g = split[split["high"] == group]
@@ -66,9 +66,9 @@ def plot_km(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], title: str 
                                        show_censors=True, censor_styles={"ms": 4, "marker": "|"})
         if np.isnan(p):
             logger.warning("KM: %s — one risk group is empty (all predicted risks tied); no log-rank test",
-                           names[key])
+                           key[1])
         ptxt = "n/a" if np.isnan(p) else (f"= {p:.2g}" if p >= 1e-4 else "< 1e-4")
-        ax.set_title(f"{names[key]} ({FAMILY_LABEL.get(key[0], key[0])})\nlog-rank p {ptxt}", fontsize=9)
+        ax.set_title(f"{key[1]} ({FAMILY_LABELS[key[0]]})\nlog-rank p {ptxt}", fontsize=9)
         ax.set(xlabel="time", ylim=(0, 1.02))
         ax.legend(fontsize=7, loc="lower left")
     axes[0].set_ylabel("survival probability")

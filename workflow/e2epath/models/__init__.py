@@ -20,6 +20,7 @@ from .encoders import ResNetTrunk, build_encoder
 from .pooling import MeanPooling
 from .transmil import TransMIL
 
+# One entry per name of e2epath.vocabulary.AGGREGATORS (tests/test_architecture.py).
 AGGREGATORS: dict[str, Callable[..., nn.Module]] = {
     "abmilx": ABMILX,
     "abmil": partial(ABMIL, gated=False),

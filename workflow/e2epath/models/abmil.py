@@ -1,6 +1,7 @@
 """ABMIL (Ilse et al., ICML 2018): one attention head, plain (tanh) or gated (tanh ⊙ sigmoid).
 
-The instance embedding is the paper's E2E variant (B.3) shared by all aggregators here:
+The instance embedding is the E2E variant of appendix B.3 of the ABMILX paper (Tang et al.,
+NeurIPS 2025, arXiv:2506.02408; docs/method.md), shared by all aggregators here:
 LayerNorm → Linear without bias → GELU → Dropout (Ilse et al. used Linear → ReLU), and the
 attention and classifier layers are bias-free too, so ABMIL and ABMILX differ only in pooling.
 """

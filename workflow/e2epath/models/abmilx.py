@@ -1,4 +1,6 @@
-"""ABMILX: multi-head local attention + global attention plus (paper section 3.2, eq. 3-4).
+"""ABMILX: multi-head local attention + global attention plus (section 3.2, eq. 3-4 of the paper:
+W. Tang, R. Qin, H. Fang, F. Zhou, H. Chen, X. Li, M.-M. Cheng, "Revisiting End-to-End Learning
+with Slide-level Supervision in Computational Pathology", NeurIPS 2025, arXiv:2506.02408; docs/method.md).
 
 For a bag E (N × D):
 

@@ -1,7 +1,10 @@
-"""Patch encoders: torchvision ResNet-18/50 cut after `layer3`, global average pooled.
+"""Patch encoders: torchvision ResNet-18/50 cut after `layer3`, global average pooled, and the one
+weights policy of every encoder e2epath builds (end to end and two-stage).
 
-The paper removes the last ResNet stage (B.3) to match the classic two-stage features:
-ResNet-18 gives 256-d, ResNet-50 1024-d instance features. Parameter names are torchvision's
+The paper (W. Tang et al., "Revisiting End-to-End Learning with Slide-level Supervision in
+Computational Pathology", NeurIPS 2025, arXiv:2506.02408; appendix B.3) removes the last ResNet
+stage to match the classic two-stage features: ResNet-18 gives 256-d, ResNet-50 1024-d instance
+features. Parameter names are torchvision's
 (`conv1`, `bn1`, `layer1`..`layer3`), so a torchvision state dict loads after dropping
 `layer4.*` and `fc.*`.
 
@@ -24,7 +27,8 @@ from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-# Output width after layer3, and the torchvision ImageNet weight enums to look for (first wins).
+# Output width after layer3, and the torchvision ImageNet weight enums to look for (first wins);
+# one entry per name of e2epath.vocabulary.ENCODERS (tests/test_architecture.py).
 ARCHITECTURES: dict[str, tuple[int, tuple[str, ...]]] = {
     "resnet18": (256, ("ResNet18_Weights.IMAGENET1K_V1",)),
     "resnet50": (1024, ("ResNet50_Weights.IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V2")),
@@ -92,10 +96,16 @@ def load_trunk_weights(trunk: ResNetTrunk, path: Path, arch: str) -> None:
     logger.info("encoder %s: weights loaded from %s", arch, path)
 
 
-def build_encoder(name: str, weights: str | None = None) -> ResNetTrunk:
-    """A ResNet trunk (`out_dim` 256 for resnet18, 1024 for resnet50) with the requested weights."""
+def build_encoder(name: str, weights: str | None, seed: int | None = None) -> ResNetTrunk:
+    """A ResNet trunk (`out_dim` 256 for resnet18, 1024 for resnet50) with the requested weights.
+
+    ``seed`` seeds torch's global generator first, so every job of a run (each fold, each slide's
+    feature extraction) builds the very same randomly initialised layers.
+    """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown encoder {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    if seed is not None:
+        torch.manual_seed(seed)
     trunk = ResNetTrunk(name)
     if weights in ("imagenet", "auto"):
         found = find_imagenet_checkpoint(name)

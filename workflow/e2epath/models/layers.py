@@ -41,7 +41,8 @@ def masked_softmax(logits: Tensor, mask: Tensor | None) -> Tensor:
 class InstanceEmbedding(nn.Sequential):
     """LayerNorm (no bias) → Linear (no bias) → GELU → Dropout.
 
-    The input LayerNorm and bias-free linear layer are the paper's E2E choices (B.3): they keep
+    The input LayerNorm and bias-free linear layer are the E2E choices of the ABMILX paper (appendix
+    B.3 of Tang et al., NeurIPS 2025, arXiv:2506.02408; docs/method.md): they keep
     the fine-tuned encoder's feature scale from destabilising the aggregator. All aggregators
     share this embedding so a comparison between them isolates the pooling.
     """

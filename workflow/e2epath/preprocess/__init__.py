@@ -1,2 +1,3 @@
 """Preprocessing: slide QC (``qc``), tissue segmentation (``tissue``), patching + LMDB packing
-(``patching``) and the patch store format (``store``). Each step module exposes ``cli(argv)``."""
+(``patching``; the store format is `e2epath.store`). Each step module exposes ``cli(argv)`` for a
+per-slide job and ``cli_shard(argv)`` for a shard of slides (`e2epath.shards`)."""

@@ -1,4 +1,4 @@
-"""Patching + LMDB packing for one slide × magnification (DESIGN.md "Resolution").
+"""Patching + LMDB packing for one slide × magnification (docs/resolution.md).
 
 Target mpp = 10 / magnification. Patches come from the coarsest level still at least as fine as
 the target (mpp within ``tolerance`` counts as equal): a level px window of ``read_px`` =
@@ -29,13 +29,35 @@ from tqdm import tqdm
 
 from .. import shards
 from .. import slide as sl
-from ..io import json_rows_to_tsv, read_json, read_records, write_json
-from .store import LmdbWriter, encode_jpeg, write_empty_store
+from ..io import read_json, read_records, table_cli, write_json
+from ..store import LmdbWriter, encode_jpeg, write_empty_store
+from ..vocabulary import MAGNIFICATIONS
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("slide_id", "magnification", "status", "n_patches", "lmdb", "mpp", "read_level",
                    "read_downsample", "message")
+WINDOW_PX = 4096  # widest window read at once, in level px (speed and memory only)
+OUTPUTS: shards.Outputs = {"lmdb_out": ("lmdb_dir", ".lmdb"), "row_out": ("row_dir", ".json")}
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    """How a slide is patched (the config's `preprocess` section) and how fast (threads, window_px)."""
+
+    magnification: int
+    patch_size: int
+    min_tissue: float
+    tolerance: float         # mpp within this fraction counts as equal (config: mpp_tolerance)
+    allow_upsample: bool
+    jpeg_quality: int
+    threads: int = 1         # windows decoded in parallel; speed only
+    window_px: int = WINDOW_PX
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the stores depend on; threads and window_px change only how fast they are written."""
+        return {k: getattr(self, k) for k in ("magnification", "patch_size", "min_tissue", "tolerance",
+                                              "allow_upsample", "jpeg_quality")}
 
 
 @dataclass(frozen=True)
@@ -69,8 +91,7 @@ def read_px(patch_size: int, level_mpp: float, target_mpp: float, tolerance: flo
 
 
 def plan_patches(level_downsamples: list[float], level_dimensions: list[list[int]], slide_mpp: float,
-                 magnification: float, patch_size: int, tolerance: float = 0.1,
-                 allow_upsample: bool = False) -> PatchPlan:
+                 magnification: float, patch_size: int, tolerance: float, allow_upsample: bool) -> PatchPlan:
     """The read plan; raises :class:`slide.ResolutionUnavailable` for a magnification finer than the scan."""
     target = 10.0 / magnification
     level, ds = sl.choose_level(level_downsamples, slide_mpp, target, tolerance, allow_upsample)
@@ -160,7 +181,7 @@ def _packed_windows(osr, plan: PatchPlan, jobs: list, quality: int, threads: int
 
 
 def pack(osr, plan: PatchPlan, keep: np.ndarray, fractions: np.ndarray, writer: LmdbWriter,
-         quality: int = 90, window_px: int = 4096, threads: int = 1, desc: str = "") -> int:
+         quality: int, window_px: int = WINDOW_PX, threads: int = 1, desc: str = "") -> int:
     """Read the kept patches window by window into ``writer``; returns the number written."""
     max_cols = max(1, window_px // plan.read_px)
     sl.set_tile_cache(osr, cache_bytes(plan, window_px, sl.tile_size(osr, plan.level)[1], threads))
@@ -182,12 +203,12 @@ def _mask_and_props(mask_path: Path, geojson_path: Path) -> tuple[np.ndarray, di
     return mask, props
 
 
-def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], magnification: float,
-               lmdb_out: Path, patch_size: int = 256, min_tissue: float = 0.5, tolerance: float = 0.1,
-               allow_upsample: bool = False, jpeg_quality: int = 90, threads: int = 1,
-               window_px: int = 4096) -> dict[str, Any]:
+def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], params: PatchParams,
+               lmdb_out: Path) -> dict[str, Any]:
     """Patch one slide at one magnification and write its store; returns the manifest row."""
     sid = qc["slide_id"]
+    magnification, patch_size, min_tissue = params.magnification, params.patch_size, params.min_tissue
+    jpeg_quality = params.jpeg_quality
     meta: dict[str, Any] = {"slide_id": sid, "magnification": magnification, "mpp": 10.0 / magnification,
                             "slide_mpp": qc.get("mpp"), "patch_size": patch_size, "n_patches": 0,
                             "read_level": None, "read_downsample": None, "read_mpp": None, "scale": None,
@@ -209,7 +230,7 @@ def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], mag
         return finish("failed", f"tissue segmentation failed: {tissue.get('message')}")
     try:
         plan = plan_patches(qc["level_downsamples"], qc["level_dimensions"], qc["mpp"], magnification,
-                            patch_size, tolerance, allow_upsample)
+                            patch_size, params.tolerance, params.allow_upsample)
     except sl.ResolutionUnavailable as e:
         return finish("unavailable", f"{sid}: {e}")
     meta.update(read_level=plan.level, read_downsample=plan.downsample, read_mpp=plan.read_mpp, scale=plan.scale)
@@ -233,7 +254,8 @@ def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], mag
         return finish("failed", str(e))
     try:
         with LmdbWriter(lmdb_out, capacity) as writer:
-            n = pack(osr, plan, keep, frac, writer, jpeg_quality, window_px, threads, desc=f"{sid} {magnification:g}x")
+            n = pack(osr, plan, keep, frac, writer, jpeg_quality, params.window_px, params.threads,
+                     desc=f"{sid} {magnification:g}x")
             meta.update(status="ok", message="", n_patches=n)
             writer.close(meta)
     except sl.SlideReadError as e:
@@ -243,82 +265,72 @@ def pack_slide(qc: dict[str, Any], mask: np.ndarray, tissue: dict[str, Any], mag
     return finish("ok", "", n)
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--magnification", required=True, type=float)
-    p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--min-tissue", type=float, default=0.5)
-    p.add_argument("--tolerance", type=float, default=0.1)
-    p.add_argument("--allow-upsample", action="store_true")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--threads", type=int, default=1, help="windows decoded in parallel")
-    p.add_argument("--window-px", type=int, default=4096, help="max window width in level px")
-    return p
-
-
-def _parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    a = p.parse_args(argv)
-    if a.magnification <= 0 or a.patch_size <= 0 or not 0 <= a.min_tissue <= 1 or not 1 <= a.jpeg_quality <= 100:
-        p.error("need magnification > 0, patch-size > 0, 0 <= min-tissue <= 1, 1 <= jpeg-quality <= 100")
-    a.magnification = int(a.magnification) if float(a.magnification).is_integer() else a.magnification
-    return a
-
-
-def patch_to_files(qc: dict[str, Any], mask_path: Path, geojson_path: Path, a: argparse.Namespace,
+def patch_to_files(qc: dict[str, Any], mask_path: Path, geojson_path: Path, params: PatchParams,
                    lmdb_out: Path, row_out: Path) -> dict[str, Any]:
-    """Patch one slide at ``a.magnification`` into its store; write and return its manifest row."""
+    """Patch one slide into its store; write and return its manifest row."""
     mask, tissue = _mask_and_props(mask_path, geojson_path)
-    row = pack_slide(qc, mask, tissue, a.magnification, lmdb_out, a.patch_size, a.min_tissue,
-                     a.tolerance, a.allow_upsample, a.jpeg_quality, a.threads, a.window_px)
+    row = pack_slide(qc, mask, tissue, params, lmdb_out)
     write_json(row_out, row)
     return row
 
 
+def patch_item(qc: dict[str, Any], mask: Path, geojson: Path, params: PatchParams, lmdb_out: Path,
+               row_out: Path, tissue_fingerprint: str | None = None) -> shards.Item:
+    """One slide's patching, for a per-slide job or a shard."""
+    payload = {"step": "patch", **params.fingerprint(), "qc": qc.get("fingerprint"), "tissue": tissue_fingerprint}
+    work = functools.partial(patch_to_files, qc, mask, geojson, params, lmdb_out, row_out)
+    return shards.Item(qc["slide_id"], payload, [lmdb_out, row_out], work)
+
+
+def _main(argv: list[str] | None, shard: bool) -> int:
+    p = argparse.ArgumentParser(prog="e2epath patch" + ("_shard" if shard else ""), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--magnification", required=True, type=int, choices=MAGNIFICATIONS)
+    p.add_argument("--patch-size", required=True, type=int)
+    p.add_argument("--min-tissue", required=True, type=float)
+    p.add_argument("--tolerance", required=True, type=float, help="mpp within this fraction counts as equal")
+    p.add_argument("--allow-upsample", action="store_true")
+    p.add_argument("--jpeg-quality", required=True, type=int)
+    p.add_argument("--threads", required=True, type=int, help="windows decoded in parallel")
+    p.add_argument("--window-px", type=int, default=WINDOW_PX, help="max window width in level px")
+    p.add_argument("--qc", required=True, type=Path, help="the slide's QC record, or the shard's QC table")
+    if shard:
+        p.add_argument("--tissue", required=True, type=Path, help="the shard's tissue table")
+    else:
+        p.add_argument("--mask", required=True, type=Path)
+        p.add_argument("--geojson", required=True, type=Path)
+    shards.add_outputs(p, shard, OUTPUTS)
+    a = p.parse_args(argv)
+    if a.patch_size <= 0 or not 0 <= a.min_tissue <= 1 or not 1 <= a.jpeg_quality <= 100 or a.threads < 1:
+        p.error("need patch-size > 0, 0 <= min-tissue <= 1, 1 <= jpeg-quality <= 100, threads >= 1")
+    params = PatchParams(a.magnification, a.patch_size, a.min_tissue, a.tolerance, a.allow_upsample,
+                         a.jpeg_quality, a.threads, a.window_px)
+    tissue = {r["slide_id"]: r for r in read_records([a.tissue])} if shard else {}
+    items = []
+    for qc in read_records([a.qc]):
+        sid = qc["slide_id"]
+        out = shards.output_paths(a, shard, OUTPUTS, sid)
+        if not shard:
+            seg = {"mask": a.mask, "geojson": a.geojson, "fingerprint": None}
+        elif sid in tissue:
+            seg = tissue[sid]
+        else:
+            p.error(f"{a.tissue} has no record of slide {sid}; rerun its tissue shard")
+        items.append(patch_item(qc, Path(seg["mask"]), Path(seg["geojson"]), params, out["lmdb_out"], out["row_out"],
+                                seg["fingerprint"]))
+    return shards.execute("patch", items, a, shard)
+
+
 def cli(argv: list[str] | None = None) -> int:
-    p = _parser("e2epath patch")
-    p.add_argument("--qc", required=True, type=Path)
-    p.add_argument("--mask", required=True, type=Path)
-    p.add_argument("--geojson", required=True, type=Path)
-    p.add_argument("--lmdb-out", required=True, type=Path)
-    p.add_argument("--row-out", required=True, type=Path)
-    a = _parse(p, argv)
-    patch_to_files(read_json(a.qc), a.mask, a.geojson, a, a.lmdb_out, a.row_out)
-    return 0
+    """Patch one slide at one magnification."""
+    return _main(argv, shard=False)
 
 
 def cli_shard(argv: list[str] | None = None) -> int:
     """Patch the slides of one shard (e2epath.shards) at one magnification."""
-    p = _parser("e2epath patch_shard")
-    p.add_argument("--qc", required=True, type=Path, help="the shard's QC table")
-    p.add_argument("--tissue", required=True, type=Path, help="the shard's tissue table")
-    p.add_argument("--lmdb-dir", required=True, type=Path)
-    p.add_argument("--row-dir", required=True, type=Path)
-    p.add_argument("--done-dir", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    a = _parse(p, argv)
-    tissue = {r["slide_id"]: r for r in read_records([a.tissue])}
-    # what the stores depend on; --threads and --window-px change only how fast they are written
-    params = {k: getattr(a, k) for k in ("magnification", "patch_size", "min_tissue", "tolerance",
-                                         "allow_upsample", "jpeg_quality")}
-    items = []
-    for qc in read_records([a.qc]):
-        sid = qc["slide_id"]
-        seg = tissue.get(sid)
-        if seg is None:
-            p.error(f"{a.tissue} has no record of slide {sid}; rerun its tissue shard")
-        lmdb_out, row_out = a.lmdb_dir / f"{sid}.lmdb", a.row_dir / f"{sid}.json"
-        payload = {"step": "patch", **params, "qc": qc["fingerprint"], "tissue": seg["fingerprint"]}
-        work = functools.partial(patch_to_files, qc, Path(seg["mask"]), Path(seg["geojson"]), a, lmdb_out, row_out)
-        items.append(shards.Item(sid, payload, [lmdb_out, row_out], work))
-    return shards.run("patch", items, a.done_dir, a.out)
+    return _main(argv, shard=True)
 
 
 def cli_manifest(argv: list[str] | None = None) -> int:
-    """Aggregate manifest rows (JSON) into one TSV."""
-    p = argparse.ArgumentParser(prog="e2epath manifest")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("jsons", nargs="*", type=Path)
-    a = p.parse_args(argv)
-    n = json_rows_to_tsv(a.jsons, MANIFEST_FIELDS, a.out)
-    logger.info("wrote %d manifest rows to %s", n, a.out)
-    return 0
+    """The manifest `results/patches/manifest.tsv`: one row per slide × magnification."""
+    return table_cli(argv, "e2epath manifest", MANIFEST_FIELDS, "manifest rows")

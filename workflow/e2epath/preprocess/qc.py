@@ -8,26 +8,28 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import re
+import math
 from pathlib import Path
 from typing import Any
 
 from .. import shards
 from .. import slide as sl
-from ..io import json_rows_to_tsv, write_json
+from ..io import table_cli, write_json
+from ..vocabulary import check_id
 
 logger = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 FIELDS = ("slide_id", "case_id", "path", "status", "vendor", "width", "height", "level_count",
           "level_downsamples", "level_dimensions", "mpp", "mpp_source", "objective_power", "error")
 WINDOW = 2048
+OUTPUTS: shards.Outputs = {"out": ("qc_dir", ".json")}  # the QC record (per shard: a folder of them)
 
 
 def valid_id(value: str) -> str:
-    if not ID_RE.match(value):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a valid id ([A-Za-z0-9._-]+)")
-    return value
+    try:
+        return check_id(value, "id")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def check_readable(osr, window: int = WINDOW) -> None:
@@ -41,7 +43,7 @@ def check_readable(osr, window: int = WINDOW) -> None:
 
 
 def slide_qc(slide_id: str, case_id: str, path: str | Path, sheet_mpp: float | None = None) -> dict[str, Any]:
-    """The QC record of CONTRACTS.md for one slide; never raises for a bad slide."""
+    """The QC record of docs/contracts.md for one slide; never raises for a bad slide."""
     rec: dict[str, Any] = {k: None for k in FIELDS}
     rec.update(slide_id=slide_id, case_id=case_id, path=str(Path(path).resolve()), status="failed")
     try:
@@ -84,46 +86,44 @@ def qc_to_file(slide_id: str, case_id: str, path: Path, sheet_mpp: float | None,
     return rec
 
 
-def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="e2epath qc", description=__doc__)
-    p.add_argument("--slide-id", required=True, type=valid_id)
-    p.add_argument("--case-id", required=True, type=valid_id)
-    p.add_argument("--path", required=True, type=Path)
-    p.add_argument("--sheet-mpp", type=float, default=None)
-    p.add_argument("--out", required=True, type=Path)
+def qc_item(slide_id: str, case_id: str, path: Path, sheet_mpp: float | None, out: Path) -> shards.Item:
+    """One slide's QC, for a per-slide job or a shard; the fingerprint covers the slide file's stamp."""
+    payload = {"step": "qc", "slide": shards.file_stamp(path.resolve()), "case_id": case_id, "sheet_mpp": sheet_mpp}
+    return shards.Item(slide_id, payload, [out], functools.partial(qc_to_file, slide_id, case_id, path, sheet_mpp, out))
+
+
+def _main(argv: list[str] | None, shard: bool) -> int:
+    p = argparse.ArgumentParser(prog="e2epath qc" + ("_shard" if shard else ""), description=__doc__)
+    n = "+" if shard else None  # a shard: aligned lists, one value per slide
+    p.add_argument("--slide-id", nargs=n, required=True, type=valid_id)
+    p.add_argument("--case-id", nargs=n, required=True, type=valid_id)
+    p.add_argument("--path", nargs=n, required=True, type=Path)
+    p.add_argument("--sheet-mpp", nargs=n, type=float, default=None,
+                   help="the sample sheet's mpp (nan or left out: none)")
+    shards.add_outputs(p, shard, OUTPUTS)
     a = p.parse_args(argv)
-    qc_to_file(a.slide_id, a.case_id, a.path, a.sheet_mpp, a.out)
-    return 0
+    ids, cases, paths = ([v] if not shard else v for v in (a.slide_id, a.case_id, a.path))
+    mpps = a.sheet_mpp if shard else [a.sheet_mpp]
+    mpps = [math.nan] * len(ids) if mpps is None else mpps
+    if not len(ids) == len(cases) == len(paths) == len(mpps):
+        p.error("--slide-id, --case-id, --path and --sheet-mpp must have one value per slide")
+    items = []
+    for sid, case, path, mpp in zip(ids, cases, paths, mpps):
+        mpp = None if mpp is None or math.isnan(mpp) else mpp
+        items.append(qc_item(sid, case, path, mpp, shards.output_paths(a, shard, OUTPUTS, sid)["out"]))
+    return shards.execute("qc", items, a, shard)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """QC one slide."""
+    return _main(argv, shard=False)
 
 
 def cli_shard(argv: list[str] | None = None) -> int:
-    """QC the slides of one shard (e2epath.shards): aligned lists of paths, ids, cases, sheet mpps."""
-    p = argparse.ArgumentParser(prog="e2epath qc_shard", description=cli_shard.__doc__)
-    p.add_argument("--paths", nargs="+", required=True, type=Path)
-    p.add_argument("--slide-ids", nargs="+", required=True, type=valid_id)
-    p.add_argument("--case-ids", nargs="+", required=True, type=valid_id)
-    p.add_argument("--sheet-mpps", nargs="+", required=True, type=float, help="nan: none in the sheet")
-    p.add_argument("--qc-dir", required=True, type=Path, help="per-slide records {slide}.json")
-    p.add_argument("--done-dir", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    a = p.parse_args(argv)
-    if not len(a.paths) == len(a.slide_ids) == len(a.case_ids) == len(a.sheet_mpps):
-        p.error("--paths, --slide-ids, --case-ids and --sheet-mpps must have one value per slide")
-    items = []
-    for path, sid, case, mpp in zip(a.paths, a.slide_ids, a.case_ids, a.sheet_mpps):
-        mpp = None if mpp != mpp else mpp  # NaN: the sheet gives none
-        out = a.qc_dir / f"{sid}.json"
-        payload = {"step": "qc", "slide": shards.file_stamp(path.resolve()), "case_id": case, "sheet_mpp": mpp}
-        items.append(shards.Item(sid, payload, [out], functools.partial(qc_to_file, sid, case, path, mpp, out)))
-    return shards.run("qc", items, a.done_dir, a.out)
+    """QC the slides of one shard (e2epath.shards)."""
+    return _main(argv, shard=True)
 
 
 def cli_table(argv: list[str] | None = None) -> int:
-    """Aggregate QC JSONs into one TSV (one row per slide, lists JSON-encoded)."""
-    p = argparse.ArgumentParser(prog="e2epath qc-table")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("jsons", nargs="*", type=Path)
-    a = p.parse_args(argv)
-    n = json_rows_to_tsv(a.jsons, FIELDS, a.out)
-    logger.info("wrote %d slides to %s", n, a.out)
-    return 0
+    """The QC table `results/slides.tsv`: one row per slide."""
+    return table_cli(argv, "e2epath qc_table", FIELDS, "slide QC records")

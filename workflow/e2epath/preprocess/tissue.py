@@ -6,16 +6,15 @@ depend on the scanner. Tissue = median-blurred HSV saturation above an Otsu thre
 near-white glass and pen marks (strong green / blue hue, near-black, dark grey ink), closed morphologically;
 pieces and holes smaller than the preset's areas (µm²) are dropped / filled.
 
-Outputs (CONTRACTS.md): mask PNG (0/255 at ``seg_mpp``), GeoJSON FeatureCollection in level-0 px
+Outputs (docs/contracts.md): mask PNG (0/255 at ``seg_mpp``), GeoJSON FeatureCollection in level-0 px
 (one QuPath annotation Feature per tissue piece, holes as interior rings), and a QC thumbnail.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,16 @@ import numpy as np
 
 from .. import shards
 from .. import slide as sl
-from ..io import read_json, read_records, write_bytes
+from ..io import read_records, write_bytes
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TissueParams:
-    seg_mpp: float = 8.0           # µm/px of the mask
+    """Segmentation parameters: ``seg_mpp`` from the config, the rest from a preset (`PRESETS`)."""
+
+    seg_mpp: float                 # µm/px of the mask
     median_um: float = 40.0        # median blur size
     closing_um: float = 64.0       # morphological closing size
     min_area_um2: float = 1e5      # smaller tissue pieces are dropped
@@ -46,10 +47,23 @@ class TissueParams:
     pen_um: float = 16.0           # pen masks grow by this (ink edges blend into tissue)
 
 
-PRESETS = {
-    "resection": TissueParams(),
-    "biopsy": TissueParams(median_um=24.0, closing_um=24.0, min_area_um2=1e4, min_hole_um2=4e3),
+# The config's `preprocess.tissue.preset`: what each preset changes from the field defaults above.
+PRESETS: dict[str, dict[str, float]] = {
+    "resection": {},
+    "biopsy": {"median_um": 24.0, "closing_um": 24.0, "min_area_um2": 1e4, "min_hole_um2": 4e3},
 }
+THUMB_PX = 1024  # longest side of the QC thumbnail
+# Mpp within this fraction counts as equal when choosing the level segmentation reads from (the
+# image is then resized to exactly seg_mpp, so this only decides which level is read).
+LEVEL_TOLERANCE = 0.1
+
+
+def tissue_params(preset: str, seg_mpp: float, **overrides: float) -> TissueParams:
+    """The preset's parameters at ``seg_mpp``, with ``overrides`` (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tissue preset {preset!r}; valid: {', '.join(PRESETS)}")
+    return TissueParams(seg_mpp=seg_mpp, **{**PRESETS[preset],
+                                            **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def _odd(um: float, mpp: float) -> int:
@@ -59,7 +73,7 @@ def _odd(um: float, mpp: float) -> int:
 
 def read_at_mpp(osr, slide_mpp: float, out_mpp: float, tile: int = 512) -> np.ndarray:
     """The whole slide as RGB at exactly ``out_mpp`` µm/px, read window by window."""
-    level, ds = sl.choose_level(osr.level_downsamples, slide_mpp, out_mpp, allow_upsample=True)
+    level, ds = sl.choose_level(osr.level_downsamples, slide_mpp, out_mpp, LEVEL_TOLERANCE, allow_upsample=True)
     lw, lh = osr.level_dimensions[level]
     w0, h0 = osr.dimensions
     out_w, out_h = max(1, round(w0 * slide_mpp / out_mpp)), max(1, round(h0 * slide_mpp / out_mpp))
@@ -225,7 +239,7 @@ def segment_slide(qc: dict[str, Any], p: TissueParams) -> tuple[np.ndarray, np.n
 
 
 def run(qc: dict[str, Any], p: TissueParams, mask_out: Path, geojson_out: Path, thumb_out: Path,
-        preset: str = "custom", thumb_size: int = 1024) -> dict[str, Any]:
+        preset: str, thumb_size: int = THUMB_PX) -> dict[str, Any]:
     """Segment one slide and write the three outputs; a bad slide gives status failed."""
     sid = qc["slide_id"]
     try:
@@ -253,58 +267,52 @@ def run(qc: dict[str, Any], p: TissueParams, mask_out: Path, geojson_out: Path, 
     return props
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="resection")
-    p.add_argument("--seg-mpp", type=float, default=8.0)
-    p.add_argument("--thumb-size", type=int, default=1024)
+OUTPUTS: shards.Outputs = {"mask_out": ("mask_dir", ".png"), "geojson_out": ("geojson_dir", ".geojson"),
+                           "thumb_out": ("thumb_dir", ".png")}
+
+
+def tissue_item(qc: dict[str, Any], params: TissueParams, preset: str, thumb_size: int,
+                paths: dict[str, Path]) -> shards.Item:
+    """One slide's segmentation, for a per-slide job or a shard; its record carries the output paths."""
+    def work() -> dict[str, Any]:
+        props = run(qc, params, paths["mask"], paths["geojson"], paths["thumb"], preset, thumb_size)
+        return {**props, **{k: str(v) for k, v in paths.items()}}
+
+    payload = {"step": "tissue", "params": asdict(params), "preset": preset, "thumb_size": thumb_size,
+               "qc": qc.get("fingerprint")}
+    return shards.Item(qc["slide_id"], payload, list(paths.values()), work)
+
+
+def _main(argv: list[str] | None, shard: bool) -> int:
+    p = argparse.ArgumentParser(prog="e2epath tissue" + ("_shard" if shard else ""), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--seg-mpp", type=float, required=True)
+    p.add_argument("--thumb-size", type=int, default=THUMB_PX)
     for field in ("median_um", "closing_um", "min_area_um2", "min_hole_um2", "pen_um"):
         p.add_argument("--" + field.replace("_", "-"), type=float, default=None, help="override the preset")
     for field in ("sat_floor", "sat_cap", "white_value", "white_sat", "dark_value", "ink_value", "ink_sat"):
         p.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
-    return p
-
-
-def _params(p: argparse.ArgumentParser, a: argparse.Namespace) -> TissueParams:
-    overrides = {k: v for k, v in vars(a).items() if k in TissueParams.__dataclass_fields__ and v is not None}
-    params = replace(PRESETS[a.preset], **overrides)
-    if params.seg_mpp <= 0:
+    p.add_argument("--qc", required=True, type=Path, help="the slide's QC record, or the shard's QC table")
+    shards.add_outputs(p, shard, OUTPUTS)
+    a = p.parse_args(argv)
+    if a.seg_mpp <= 0:
         p.error("--seg-mpp must be positive")
-    return params
+    overrides = {k: v for k, v in vars(a).items() if k in TissueParams.__dataclass_fields__ and k != "seg_mpp"}
+    params = tissue_params(a.preset, a.seg_mpp, **overrides)
+    items = []
+    for qc in read_records([a.qc]):
+        paths = shards.output_paths(a, shard, OUTPUTS, qc["slide_id"])
+        items.append(tissue_item(qc, params, a.preset, a.thumb_size,
+                                 {k.removesuffix("_out"): v for k, v in paths.items()}))
+    return shards.execute("tissue", items, a, shard)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = _parser("e2epath tissue")
-    p.add_argument("--qc", required=True, type=Path)
-    p.add_argument("--mask-out", required=True, type=Path)
-    p.add_argument("--geojson-out", required=True, type=Path)
-    p.add_argument("--thumb-out", required=True, type=Path)
-    a = p.parse_args(argv)
-    run(read_json(a.qc), _params(p, a), a.mask_out, a.geojson_out, a.thumb_out, a.preset, a.thumb_size)
-    return 0
+    """Segment one slide."""
+    return _main(argv, shard=False)
 
 
 def cli_shard(argv: list[str] | None = None) -> int:
     """Segment the slides of one shard (e2epath.shards); records carry the three output paths."""
-    p = _parser("e2epath tissue_shard")
-    p.add_argument("--qc", required=True, type=Path, help="the shard's QC table")
-    for name in ("mask", "geojson", "thumb"):
-        p.add_argument(f"--{name}-dir", required=True, type=Path)
-    p.add_argument("--done-dir", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    a = p.parse_args(argv)
-    params = _params(p, a)
-
-    def work(qc: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
-        props = run(qc, params, paths["mask"], paths["geojson"], paths["thumb"], a.preset, a.thumb_size)
-        return {**props, **{k: str(v) for k, v in paths.items()}}
-
-    items = []
-    for qc in read_records([a.qc]):
-        sid = qc["slide_id"]
-        paths = {"mask": a.mask_dir / f"{sid}.png", "geojson": a.geojson_dir / f"{sid}.geojson",
-                 "thumb": a.thumb_dir / f"{sid}.png"}
-        payload = {"step": "tissue", "params": asdict(params), "preset": a.preset, "thumb_size": a.thumb_size,
-                   "qc": qc["fingerprint"]}
-        items.append(shards.Item(sid, payload, list(paths.values()), functools.partial(work, qc, paths)))
-    return shards.run("tissue", items, a.done_dir, a.out)
+    return _main(argv, shard=True)

@@ -2,7 +2,8 @@
 
 What is E2E-specific lives here: the joint model, the sampled-bag loader, and prediction of a
 full bag (every patch of the evaluation magnification through the encoder in chunks under
-no_grad). The loop, the tasks and the outputs are shared with two-stage training.
+no_grad). The job skeleton, the loop, the tasks and the outputs are shared with two-stage
+training (`job`, `loop`, `tasks`).
 """
 from __future__ import annotations
 
@@ -13,28 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import (
-    Bag,
-    MultiScaleBagDataset,
-    balanced_order,
-    collate_bags,
-    full_boxes,
-    iter_full_bag,
-    load_bags,
-    resized_crops,
-)
-from ..models import build_aggregator
-from .fold import (
-    bag_outputs,
-    encoder_from_spec,
-    finish_checkpoint,
-    keep_cases,
-    load_fold,
-    make_task,
-    parser,
-    prepare_checkpoint,
-)
-from .loop import device, fit, write_outputs
+from ..data import Bag, MultiScaleBagDataset, collate_bags, iter_full_bag, load_bags
+from ..models import build_aggregator, build_encoder
+from ..transforms import model_inputs, resized_crops
+from . import job as training
+from .tasks import Task
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +42,14 @@ class E2EModel(nn.Module):
         return self.aggregator(feats)
 
 
-def epoch_order(strata: np.ndarray, spec: dict, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's bag order, seeded by (seed, epoch); minority classes oversampled (not survival)."""
-    oversample = spec["oversample"] and spec["task_type"] != "survival"
-    return balanced_order(strata, np.random.default_rng([seed, epoch]), oversample)
-
-
-def sampled_batches(dataset: MultiScaleBagDataset, strata: np.ndarray, spec: dict, seed: int, dev):
-    """epoch → iterator of (augmented, normalised bags [B, S, 3, size, size] on ``dev``, targets).
-
-    Workers decode; cropping, flipping, resizing and normalising run batched on ``dev``.
-    """
+def sampled_batches(dataset: MultiScaleBagDataset, spec: dict, dev: torch.device):
+    """(epoch, bag order) → iterator of (augmented, normalised bags [B, S, 3, size, size] on
+    ``dev``, targets). Workers decode; cropping, flipping, resizing and normalising run batched
+    on ``dev``."""
     size = spec["input_size"]
 
-    def batches(epoch: int):
-        dataset.set_epoch(epoch, epoch_order(strata, spec, seed, epoch))
+    def batches(epoch: int, order: np.ndarray):
+        dataset.set_epoch(epoch, order)
         loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=False, collate_fn=collate_bags,
                             num_workers=spec["workers"], pin_memory=dev.type == "cuda",
                             prefetch_factor=2 if spec["workers"] else None)
@@ -83,12 +60,9 @@ def sampled_batches(dataset: MultiScaleBagDataset, strata: np.ndarray, spec: dic
     return batches
 
 
-def full_bag_predictor(model: E2EModel, task, bags: dict[str, Bag], spec: dict, dev):
+def full_bag_predictor(model: E2EModel, task: Task, bags: dict[str, Bag], spec: dict, dev: torch.device):
     """case ids → (predictions, attention per slide), all patches of the eval magnification."""
     mag, size, chunk = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"]
-
-    def inputs(x: torch.Tensor) -> torch.Tensor:
-        return resized_crops(x.to(dev), full_boxes(len(x), *x.shape[1:3]), size)
 
     @torch.no_grad()
     def predict(case_ids: list[str]):
@@ -98,14 +72,14 @@ def full_bag_predictor(model: E2EModel, task, bags: dict[str, Bag], spec: dict, 
             feats, parts = [], []
             for slide, coords, x in iter_full_bag(bags[case], mag, chunk):
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    feats.append(model.encode(inputs(x)).float())
+                    feats.append(model.encode(model_inputs(x.to(dev), size)).float())
                 parts.append((slide, coords))
             if not feats:
                 raise RuntimeError(f"case {case}: no patches at {mag}x for evaluation")
             out, attn = model.aggregator(torch.cat(feats)[None], return_attention=True)
             logits.append(out.float())
             attention.append((attn[0], _merge(parts)))
-        return bag_outputs(task, case_ids, logits, attention)
+        return training.bag_outputs(task, case_ids, logits, attention)
     return predict
 
 
@@ -117,44 +91,48 @@ def _merge(parts):
     return [(s, np.concatenate(c)) for s, c in merged.items()]
 
 
+class EndToEnd(training.Family):
+    """Bags of patches from the LMDB stores; the encoder is trained with the aggregator."""
+
+    def load(self, cases):
+        self.bags = load_bags(self.job.slides, self.inputs, cases)  # inputs: manifest rows / patch tables
+        eval_mag, mags = self.spec["eval_magnification"], self.spec["sampling"]["magnifications"]
+        # evaluation needs the eval magnification; training also needs one of the sampling ones
+        usable = {c for c, b in self.bags.items() if b.n_patches(eval_mag) > 0}
+        return usable, {c for c in usable if any(self.bags[c].n_patches(m) for m in mags)}
+
+    def build(self, task, dev):
+        spec = self.spec
+        encoder = build_encoder(spec["encoder"], spec["weights"], seed=self.job.seed)  # the same in every fold
+        aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, task.n_outputs, **spec["aggregator_kw"])
+        model = E2EModel(encoder, aggregator).to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed bag shape: pick the fastest kernels once
+        return model
+
+    def batches(self, task, train, dev):
+        spec, sampling = self.spec, self.spec["sampling"]
+        self.dataset = MultiScaleBagDataset([self.bags[c] for c in train], [task.target(c) for c in train],
+                                            spec["n_instances"], sampling["magnifications"], sampling["ratios"],
+                                            spec["input_size"], self.job.fold_seed)
+        logger.info("training bags: %d patches each (%s), %d px; evaluation: every patch at %dx",
+                    self.dataset.bag_size, dict(zip(self.dataset.mags, self.dataset.counts)), spec["input_size"],
+                    spec["eval_magnification"])
+        if spec["batch_size"] == 1 and spec["weights"] in (None, "auto"):
+            logger.warning("batch_size 1: BatchNorm normalises each step by one case's patches, evaluation by "
+                           "running statistics; from random init this mismatch can invert predictions (seen on "
+                           "the demo). Prefer batch_size >= 2 or ImageNet weights")
+        return sampled_batches(self.dataset, spec, dev)
+
+    def predictor(self, model, task, dev):
+        return full_bag_predictor(model, task, self.bags, self.spec, dev)
+
+    @property
+    def patches_per_bag(self) -> float:
+        return self.dataset.bag_size
+
+
 def cli(argv: list[str] | None = None) -> int:
-    ap = parser("e2epath train_e2e")
-    ap.add_argument("--rows", nargs="+", required=True, help="manifest rows results/patches/{mag}x/{slide}.json")
-    args = ap.parse_args(argv)
-    fold = load_fold(args)
-    spec, dev = fold.spec, device()
-    all_cases = [c for ids in fold.cases.values() for c in ids]
-    bags = load_bags(args.slides, args.rows, all_cases)
-    eval_mag = spec["eval_magnification"]
-    sampling = spec["sampling"]
-    # evaluation needs the eval magnification; training also needs one of the sampling ones
-    usable = {c for c, b in bags.items() if b.n_patches(eval_mag) > 0}
-    keep_cases(fold, usable, train_only={c for c in usable
-                                         if any(bags[c].n_patches(m) for m in sampling["magnifications"])})
-    task = make_task(fold)
-    encoder = encoder_from_spec(spec["encoder"], spec["weights"], args.seed)
-    aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, task.n_outputs, **spec["aggregator_kw"])
-    model = E2EModel(encoder, aggregator).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True  # fixed bag shape: pick the fastest kernels once
-    train = fold.cases["train"]
-    seed = args.seed * 1000 + args.fold
-    dataset = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train],
-                                   spec["n_instances"], sampling["magnifications"], sampling["ratios"],
-                                   spec["input_size"], seed)
-    logger.info("training bags: %d patches each (%s), %d px; evaluation: every patch at %dx",
-                dataset.bag_size, dict(zip(dataset.mags, dataset.counts)), spec["input_size"], eval_mag)
-    if spec["batch_size"] == 1 and spec["weights"] in (None, "auto"):
-        logger.warning("batch_size 1: BatchNorm normalises each step by one case's patches, evaluation by "
-                       "running statistics; from random init this mismatch can invert predictions (seen on "
-                       "the demo). Prefer batch_size >= 2 or ImageNet weights")
-    batches = sampled_batches(dataset, task.strata(train), spec, seed, dev)
-    predict = full_bag_predictor(model, task, bags, spec, dev)
-    prepare_checkpoint(fold.checkpoint, spec)
-    per_step = dataset.bag_size * spec["batch_size"]
-    result = fit(model, task, batches, predict, fold.cases["val"], spec, fold.checkpoint, per_step)
-    write_outputs(result, model, predict, fold.cases["test"], spec, fold.outputs,
-                  extra={"classes": getattr(task, "classes", None)})
-    finish_checkpoint(fold.checkpoint)
-    return 0
+    return training.main(argv, "e2epath train_e2e", EndToEnd, "rows",
+                         "the slides' manifest rows (results/patches/{mag}x/{slide}.json), or their shard tables")

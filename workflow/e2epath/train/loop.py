@@ -1,14 +1,15 @@
 """The one training loop shared by E2E and two-stage training.
 
 It owns what both share: optimiser and cosine schedule with warm-up, AMP on CUDA, gradient
-accumulation, per-epoch checkpoints with resume, model selection and early stopping on the
-**validation** subset only. The test subset is predicted once, after training, with the
-selected weights. What differs (how a batch is drawn, how a full bag is predicted) comes in
-as two callables.
+accumulation, per-epoch checkpoints with resume (`Checkpoint`), model selection and early
+stopping on the **validation** subset only. The test subset is predicted once, after training,
+with the selected weights (`job.write_outputs`). What differs (how a batch is drawn, how a full
+bag is predicted) comes in as two callables.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -21,8 +22,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..evaluate.metrics import main_metric, task_metrics
+from ..devices import torch_device
 from ..io import atomic_path
+from ..metrics import main_metric, task_metrics
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -40,13 +42,42 @@ class FitResult:
     best_state: dict
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The optimisers a method may name (the config schema's `optimizer` enum; tests/test_architecture.py).
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(params, spec: dict) -> torch.optim.Optimizer:
-    cls = torch.optim.Adam if spec["optimizer"] == "adam" else torch.optim.AdamW
-    return cls(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+    return OPTIMIZERS[spec["optimizer"]](params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+
+
+class Checkpoint:
+    """A job's training state after each epoch (model, optimiser, grad scaler, loop state), so a
+    rerun after a crash continues at the next epoch. It is resumed only for the very same
+    hyper-parameters (recorded beside it) and removed once the job's outputs are written."""
+
+    def __init__(self, path: Path, spec: dict) -> None:
+        self.path, self.spec = Path(path), spec
+        self.marker = self.path.with_suffix(".json")
+        if self.path.exists() and not self._matches():
+            logger.info("hyper-parameters changed since %s was written: starting afresh", self.path)
+            self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(json.dumps(spec, sort_keys=True))
+
+    def _matches(self) -> bool:
+        return self.marker.exists() and json.loads(self.marker.read_text()) == self.spec
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, map_location="cpu", weights_only=True) if self.path.exists() else None
+
+    def save(self, model, opt, scaler, state: dict) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(), "state": state}, tmp)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.marker.unlink(missing_ok=True)
 
 
 def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
@@ -73,25 +104,25 @@ def _better(value: float, loss: float, best: tuple[float, float] | None) -> bool
 
 
 def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
-        val_cases: list[str], spec: dict, checkpoint: Path, patches_per_bag: float) -> FitResult:
-    """Train ``model``; resume from ``checkpoint`` when it exists; select on validation only.
+        val_cases: list[str], spec: dict, checkpoint: Checkpoint, patches_per_bag: float) -> FitResult:
+    """Train ``model``; resume from ``checkpoint`` when it holds a state; select on validation only.
 
-    The checkpoint (written atomically after every epoch) holds model, optimiser, grad scaler and
-    loop state, so a rerun after a crash continues at the next epoch with the same history.
+    The checkpoint is written atomically after every epoch, so a rerun after a crash continues at
+    the next epoch with the same history.
     """
-    dev = device()
+    dev = torch_device()
     opt = build_optimizer(model.parameters(), spec)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
     state = {"epoch": 0, "best": None, "best_epoch": -1, "best_state": None, "history": [], "bad": 0,
              "stopped": False}
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = checkpoint.load()
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):  # empty when written without CUDA
             scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
-        logger.info("resuming from %s at epoch %d", checkpoint, state["epoch"])
+        logger.info("resuming from %s at epoch %d", checkpoint.path, state["epoch"])
     metric = main_metric(spec["task_type"])
     epochs = spec["epochs"]
     todo = range(state["epoch"], state["epoch"] if state["stopped"] else epochs)
@@ -116,7 +147,7 @@ def fit(model: torch.nn.Module, task: Task, batches: Batches, predict: Predict,
             state["bad"] += 1
         state["epoch"] = epoch + 1
         state["stopped"] = bool(spec.get("patience")) and state["bad"] >= spec["patience"]
-        _save(checkpoint, model, opt, scaler, state)
+        checkpoint.save(model, opt, scaler, state)
         if state["stopped"]:
             logger.info("early stop: val %s has not improved for %d epochs", metric, state["bad"])
             break
@@ -151,32 +182,3 @@ def _step(opt, scaler) -> None:
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-
-
-def _save(path: Path, model, opt, scaler, state) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(), "state": state}, tmp)
-
-
-def write_outputs(result: FitResult, model: torch.nn.Module, predict: Predict, test_cases: list[str],
-                  spec: dict, out: dict[str, Path], extra: dict | None = None) -> pd.DataFrame:
-    """Predict the test subset with the validation-selected weights; write every output."""
-    import numpy as np
-
-    model.load_state_dict(result.best_state)
-    preds, attention = predict(test_cases)
-    with atomic_path(out["predictions"]) as tmp:
-        preds.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out["history"]) as tmp:
-        result.history.to_csv(tmp, sep="\t", index=False)
-    arrays = {"__magnification__": np.array(spec["eval_magnification"])}
-    for slide, (attn, coords) in attention.items():
-        arrays[slide] = attn.astype(np.float32)
-        arrays[f"{slide}__coords"] = coords.astype(np.int32)
-    with atomic_path(out["attention"]) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    with atomic_path(out["model"]) as tmp:
-        torch.save({"model": result.best_state, "spec": spec, "best_epoch": result.best_epoch,
-                    **(extra or {})}, tmp)
-    return preds

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..evaluate.metrics import class_order
+from ..metrics import class_order
 
 
 class Task:

@@ -1,6 +1,7 @@
 """Two-stage MIL: an aggregator trained on frozen features of full bags (batch size 1).
 
-Same splits, loop, tasks, model selection and outputs as E2E; only the inputs differ.
+Same job skeleton, splits, loop, tasks, model selection and outputs as E2E (`job`); only the
+inputs and the model differ.
 """
 from __future__ import annotations
 
@@ -13,21 +14,13 @@ import torch
 
 from ..io import read_records
 from ..models import build_aggregator
-from .fold import (
-    bag_outputs,
-    finish_checkpoint,
-    keep_cases,
-    load_fold,
-    make_task,
-    parser,
-    prepare_checkpoint,
-)
-from .loop import device, fit, write_outputs
+from . import job as training
 
 logger = logging.getLogger(__name__)
 
 
-def load_feature_bags(slides_tsv: str, paths: list[str], cases: set[str]) -> dict[str, tuple[torch.Tensor, list]]:
+def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path],
+                      cases: set[str]) -> dict[str, tuple[torch.Tensor, list]]:
     """case → (features [N, D] float32, [(slide, coords)]) from the per-slide feature files, or
     from shard tables (JSON) listing them; a case's slides in slide-id order."""
     case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
@@ -46,43 +39,50 @@ def load_feature_bags(slides_tsv: str, paths: list[str], cases: set[str]) -> dic
     return {c: (torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p]) for c, p in parts.items()}
 
 
+class TwoStage(training.Family):
+    """Full bags of frozen-encoder features; only the aggregator is trained (batch size 1)."""
+
+    def load(self, cases):
+        self.bags = load_feature_bags(self.job.slides, self.inputs, set(cases))  # inputs: feature files / tables
+        return set(self.bags), set(self.bags)
+
+    def build(self, task, dev):
+        self.in_dim = next(iter(self.bags.values()))[0].shape[1]
+        spec = self.spec
+        return build_aggregator(spec["aggregator"], self.in_dim, task.n_outputs, **spec["aggregator_kw"]).to(dev)
+
+    def batches(self, task, train, dev):
+        self.mean_n = float(np.mean([len(self.bags[c][0]) for c in train]))
+
+        def batches(epoch: int, order: np.ndarray):
+            for i in order:
+                case = train[i]
+                yield self.bags[case][0][None].to(dev), task.target(case)[None]
+        return batches
+
+    def predictor(self, model, task, dev):
+        bags = self.bags
+
+        @torch.no_grad()
+        def predict(case_ids: list[str]):
+            model.eval()
+            logits, attention = [], []
+            for case in case_ids:
+                out, attn = model(bags[case][0][None].to(dev), return_attention=True)
+                logits.append(out.float())
+                attention.append((attn[0], bags[case][1]))
+            return training.bag_outputs(task, case_ids, logits, attention)
+        return predict
+
+    @property
+    def patches_per_bag(self) -> float:
+        return self.mean_n
+
+    def model_extras(self, task):
+        return {**super().model_extras(task), "in_dim": self.in_dim}
+
+
 def cli(argv: list[str] | None = None) -> int:
-    ap = parser("e2epath train_mil")
-    ap.add_argument("--features", nargs="+", required=True)
-    args = ap.parse_args(argv)
-    fold = load_fold(args)
-    spec, dev = fold.spec, device()
-    bags = load_feature_bags(args.slides, args.features, {c for ids in fold.cases.values() for c in ids})
-    keep_cases(fold, set(bags))
-    task = make_task(fold)
-    in_dim = next(iter(bags.values()))[0].shape[1]
-    torch.manual_seed(args.seed * 1000 + args.fold)
-    model = build_aggregator(spec["aggregator"], in_dim, task.n_outputs, **spec["aggregator_kw"]).to(dev)
-    train = fold.cases["train"]
-    strata = task.strata(train)
-    oversample = spec["oversample"] and spec["task_type"] != "survival"
-
-    def batches(epoch: int):
-        from ..data import balanced_order
-
-        for i in balanced_order(strata, np.random.default_rng([args.seed, args.fold, epoch]), oversample):
-            case = train[i]
-            yield bags[case][0][None].to(dev), task.target(case)[None]
-
-    @torch.no_grad()
-    def predict(case_ids: list[str]):
-        model.eval()
-        logits, attention = [], []
-        for case in case_ids:
-            out, attn = model(bags[case][0][None].to(dev), return_attention=True)
-            logits.append(out.float())
-            attention.append((attn[0], bags[case][1]))
-        return bag_outputs(task, case_ids, logits, attention)
-
-    prepare_checkpoint(fold.checkpoint, spec)
-    mean_n = int(np.mean([len(bags[c][0]) for c in train]))
-    result = fit(model, task, batches, predict, fold.cases["val"], spec, fold.checkpoint, mean_n)
-    write_outputs(result, model, predict, fold.cases["test"], spec, fold.outputs,
-                  extra={"classes": getattr(task, "classes", None), "in_dim": in_dim})
-    finish_checkpoint(fold.checkpoint)
-    return 0
+    return training.main(argv, "e2epath train_mil", TwoStage, "features",
+                         "the slides' feature files (results/features/{encoder}/{mag}x/{slide}.pt), or their "
+                         "shard tables")

@@ -1,8 +1,9 @@
-"""Task metrics — the one implementation shared by training (model selection) and evaluation.
+"""Task metrics — the one implementation shared by training (model selection on validation) and
+evaluation (bootstrapped test metrics), and the one reading of predictions tables and class labels.
 
 Every metric is a function of per-case multiplicities ``W`` (resamples × cases): the point
 estimate is ``W = 1`` and a bootstrap resample is the number of times each case was drawn, so the
-bootstrap (`bootstrap.py`) runs the very code that gives the point estimate, on all resamples at
+bootstrap (`evaluate.bootstrap`) runs the very code that gives the point estimate, on all resamples at
 once. Point estimates equal scikit-learn (`roc_auc_score`, `accuracy_score`,
 `balanced_accuracy_score`, `f1_score(average='macro')`, `cohen_kappa_score(weights='quadratic')`)
 and lifelines (`concordance_index(time, -risk, event)`), ties included.
@@ -18,15 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .vocabulary import MAIN_METRIC, METRICS, TASK_TYPES
+
 logger = logging.getLogger(__name__)
 
-TASK_TYPES = ("classification", "grading", "survival")
-METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("auc", "accuracy", "balanced_accuracy", "macro_f1"),
-    "grading": ("auc", "accuracy", "balanced_accuracy", "macro_f1", "qwk"),
-    "survival": ("c_index",),
-}
-_MAIN = {"classification": "auc", "grading": "qwk", "survival": "c_index"}
 _UNDEFINED_WHY = {
     "auc": "needs a positive and a negative case for every class (pooled folds: within one test fold)",
     "accuracy": "no cases",
@@ -41,7 +37,7 @@ _BLOCK_ELEMS = 1 << 21  # bound on the pairs held at once by the C-index (× res
 def main_metric(task_type: str) -> str:
     """The metric used for model selection and as the headline number of a task type."""
     _check_task_type(task_type)
-    return _MAIN[task_type]
+    return MAIN_METRIC[task_type]
 
 
 def _check_task_type(task_type: str) -> None:
@@ -251,7 +247,7 @@ def c_index(time, event, risk, strata=None) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction tables (CONTRACTS.md `predictions.tsv`).
+# Prediction tables (docs/contracts.md `predictions.tsv`).
 # --------------------------------------------------------------------------------------------
 
 def class_order(names) -> list[str]:
@@ -343,7 +339,7 @@ def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Case
     ``strata``: a column (the test fold of pooled folds) within which AUC and C-index compare cases."""
     _check_task_type(task_type)
     if "case_id" not in df.columns:
-        raise ValueError("predictions have no case_id column (see CONTRACTS.md predictions.tsv)")
+        raise ValueError("predictions have no case_id column (see docs/contracts.md predictions.tsv)")
     df = df.assign(case_id=df["case_id"].astype(str)).sort_values("case_id", kind="stable")
     case_id = df["case_id"].to_numpy()
     dup = df["case_id"][df["case_id"].duplicated()]
@@ -372,7 +368,7 @@ def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Case
 
 
 def task_metrics(task_type: str, df: pd.DataFrame) -> dict[str, float]:
-    """All metrics of a task on a predictions DataFrame (CONTRACTS.md format).
+    """All metrics of a task on a predictions DataFrame (docs/contracts.md format).
 
     classification: auc, accuracy, balanced_accuracy, macro_f1; grading: the same plus qwk (grade
     distances from the full ordered class list); survival: c_index. Undefined → NaN + warning.

@@ -1,4 +1,6 @@
-"""The patch store: one single-file LMDB per slide × magnification (CONTRACTS.md).
+"""The patch store: one single-file LMDB per slide × magnification (docs/contracts.md), and the
+one JPEG encoder / decoder of patches. Every stage may use it: preprocessing writes stores,
+training, feature extraction and figures read them.
 
 Keys: ``b"%08d" % i`` → RGB patch JPEG; ``b"__meta__"`` → JSON; ``b"__coords__"`` → little-endian
 int32 (n, 2) level-0 top-left corners; ``b"__tissue__"`` → little-endian float32 (n,) tissue
@@ -10,6 +12,7 @@ fraction. A store whose status is not ``ok`` has no patch keys.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -20,7 +23,9 @@ import cv2
 import lmdb
 import numpy as np
 
-from ..io import tmp_name
+from .io import remove_stale_temporaries, tmp_name
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_KEY, COORDS_KEY, TISSUE_KEY = b"__meta__", b"__coords__", b"__tissue__"
@@ -28,22 +33,33 @@ META_FIELDS = ("slide_id", "magnification", "mpp", "slide_mpp", "patch_size", "n
                "read_downsample", "read_mpp", "scale", "jpeg_quality", "status", "message")
 
 
+# Decode straight to RGB when OpenCV can (≥ 4.10), saving a colour conversion per patch.
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
 def patch_key(i: int) -> bytes:
     return b"%08d" % i
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """RGB uint8 [H, W, 3] → JPEG bytes at ``quality``."""
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("not a decodable JPEG")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def decode_jpeg(jpeg: bytes | memoryview) -> np.ndarray:
+    """JPEG bytes → RGB uint8 [H, W, 3]; ValueError when they are not a decodable JPEG."""
+    buf = np.frombuffer(jpeg, np.uint8)
+    if _IMREAD_RGB is not None:
+        rgb = cv2.imdecode(buf, _IMREAD_RGB)
+    else:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        rgb = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    if rgb is None:
+        raise ValueError("patch is not a decodable JPEG")
+    return rgb
 
 
 class LmdbWriter:
@@ -55,6 +71,8 @@ class LmdbWriter:
     def __init__(self, path: str | Path, capacity_bytes: int, commit_every: int = 256) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temporaries(self.path):  # left by a killed writer of this store
+            logger.info("removed %s, left behind by an interrupted job", stale)
         self.tmp = tmp_name(self.path)
         self.tmp.unlink(missing_ok=True)
         # map_size is virtual address space only; the file grows with what is written.
@@ -207,3 +225,13 @@ class LmdbReader:
     def get_rgb(self, i: int) -> np.ndarray:
         """Patch ``i`` decoded to RGB uint8 (patch_size × patch_size × 3)."""
         return decode_jpeg(self.get_jpeg(i))
+
+    def iter_rgb(self, indices: Iterable[int]) -> Iterator[np.ndarray]:
+        """Patches ``indices`` decoded to RGB straight from the memory map. Consume each before the
+        next: one live decode buffer stays hot in the CPU cache. A bad patch names the store and index."""
+        indices = list(indices)
+        for i, buf in zip(indices, self.iter_jpegs(indices)):
+            try:
+                yield decode_jpeg(buf)
+            except ValueError as err:
+                raise ValueError(f"{self.path} patch {i}: {err}; re-run its patch job") from err

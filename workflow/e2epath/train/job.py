@@ -1,0 +1,258 @@
+"""One training job — a task × method × fold — whatever the family.
+
+The skeleton (:func:`run`) is the same for end-to-end and two-stage training: read the fold's
+cases and labels, seed, let the family load its inputs, drop cases without usable data (saying
+which), build the task and the model, draw each epoch's bag order (with minority oversampling),
+train with model selection on validation (`loop.fit`, which owns the checkpoint), predict the test
+subset once, and write the run's files (`e2epath.layout`). What differs — the inputs, the model,
+how a batch is drawn and how a full bag is predicted — is a :class:`Family`.
+
+Seeds: everything random in a job derives from ``TrainingJob.fold_seed`` = seed · 1000 + fold,
+and epoch e's bag order from ``TrainingJob.epoch_rng(e)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..devices import torch_device
+from ..io import atomic_path
+from ..layout import CHECKPOINT, RUN_FILES, Run
+from ..sheets import load_labels
+from .loop import Checkpoint, FitResult, Predict, fit
+from .tasks import Task, build_task
+
+logger = logging.getLogger(__name__)
+
+SUBSETS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a training job is given: the task, the fold, the seed, the method's resolved
+    hyper-parameters (`methods.with_task_defaults`: they name the method and its family), the
+    inputs every family reads, and the run's output files."""
+
+    task: str
+    fold: int
+    seed: int
+    spec: dict[str, Any]
+    splits: Path
+    labels: Path
+    slides: Path
+    outputs: dict[str, Path]  # the names of layout.RUN_FILES → paths, all in the run's folder
+
+    def __post_init__(self) -> None:
+        folders = {p.parent for p in self.outputs.values()}
+        wrong = {k: p.name for k, p in self.outputs.items() if p.name != RUN_FILES[k]}
+        if set(self.outputs) != set(RUN_FILES) or len(folders) != 1 or wrong:
+            raise ValueError(f"a training run writes {', '.join(RUN_FILES.values())} into one folder "
+                             f"(e2epath.layout); got {({k: str(p) for k, p in self.outputs.items()})}")
+
+    @property
+    def folder(self) -> Path:
+        return self.outputs["run"].parent
+
+    @property
+    def fold_seed(self) -> int:
+        """The seed of everything random in this job (the one seed formula)."""
+        return self.seed * 1000 + self.fold
+
+    def epoch_rng(self, epoch: int) -> np.random.Generator:
+        """The generator of epoch ``epoch``'s bag order."""
+        return np.random.default_rng([self.fold_seed, epoch])
+
+    @property
+    def run(self) -> Run:
+        spec = self.spec
+        return Run(spec["family"], self.task, spec["task_type"], spec["name"], self.fold, self.folder)
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    """The arguments every training job takes; a family adds its inputs."""
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--splits", required=True, type=Path)
+    ap.add_argument("--labels", required=True, type=Path)
+    ap.add_argument("--slides", required=True, type=Path, help="results/slides.tsv (slide → case)")
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--fold", type=int, required=True)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--spec", required=True, help="the method's resolved hyper-parameters (JSON)")
+    for name in RUN_FILES:
+        ap.add_argument(f"--{name}", required=True, type=Path)
+    return ap
+
+
+def main(argv: list[str] | None, prog: str, family: type["Family"], inputs: str, help: str) -> int:
+    """A training step's command line: the common arguments plus the family's inputs (``--{inputs}``)."""
+    ap = parser(prog)
+    ap.add_argument(f"--{inputs}", nargs="+", required=True, type=Path, help=help)
+    args = ap.parse_args(argv)
+    job = job_from_args(args)
+    return run(job, family(job, getattr(args, inputs)))
+
+
+def job_from_args(args: argparse.Namespace) -> TrainingJob:
+    return TrainingJob(args.task, args.fold, args.seed, json.loads(args.spec), args.splits, args.labels,
+                       args.slides, {name: getattr(args, name) for name in RUN_FILES})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_fold(job: TrainingJob) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The task's labels and the fold's case ids per subset (sorted)."""
+    splits = pd.read_csv(job.splits, sep="\t", dtype={"case_id": str})
+    part = splits[splits["fold"] == job.fold]
+    if part.empty:
+        raise SystemExit(f"{job.splits}: no rows for fold {job.fold}")
+    cases = {s: sorted(part.loc[part["subset"] == s, "case_id"]) for s in SUBSETS}
+    labels = load_labels(job.labels, job.task, job.spec["task_type"])
+    logger.info("task %s, %s/%s fold %d: %s", job.task, job.spec["family"], job.spec["name"], job.fold,
+                {k: len(v) for k, v in cases.items()})
+    return labels, cases
+
+
+def keep_cases(cases: dict[str, list[str]], available: set[str], trainable: set[str]) -> dict[str, list[str]]:
+    """Drop cases without usable data from every subset, saying which: ``available`` for
+    validation and test, the stricter ``trainable`` for training."""
+    kept = {}
+    for subset, ids in cases.items():
+        allowed = trainable if subset == "train" else available
+        gone = [c for c in ids if c not in allowed]
+        if gone:
+            logger.warning("%s: %d case(s) without usable patches skipped: %s", subset, len(gone), ", ".join(gone))
+        kept[subset] = [c for c in ids if c in allowed]
+    if not kept["train"]:
+        raise SystemExit("no training case has usable patches; check results/patches/manifest.tsv")
+    if not kept["val"]:
+        logger.warning("the validation subset is empty: every epoch scores NaN and the first epoch "
+                       "is kept; use a larger splits.val_fraction")
+    return kept
+
+
+def balanced_order(strata: np.ndarray, rng: np.random.Generator, oversample: bool) -> np.ndarray:
+    """An epoch's bag order; with ``oversample`` minority strata are drawn up to the majority size."""
+    index = np.arange(len(strata))
+    if oversample and len(np.unique(strata)) > 1:
+        groups = [index[strata == s] for s in np.unique(strata)]
+        top = max(len(g) for g in groups)
+        index = np.concatenate([np.concatenate([g, rng.choice(g, top - len(g), replace=True)])
+                                if len(g) < top else g for g in groups])
+    return rng.permutation(index)
+
+
+def bag_outputs(task: Task, case_ids: list[str], logits: list[torch.Tensor],
+                attention: list[tuple[torch.Tensor, list[tuple[str, np.ndarray]]]]) -> tuple[pd.DataFrame, dict]:
+    """Per-case logits → predictions (their mean loss in ``.attrs["loss"]``); per-case attention
+    [heads, N] split back into slides."""
+    if not case_ids:
+        return task.predictions([], torch.zeros(0, task.n_outputs)), {}
+    logits = torch.cat(logits)
+    preds = task.predictions(case_ids, logits)
+    targets = torch.stack([task.target(c) for c in case_ids]).to(logits.device)
+    preds.attrs["loss"] = float(task.loss(logits, targets))  # breaks ties of the selection metric
+    maps = {}
+    for attn, parts in attention:
+        start = 0
+        for slide, coords in parts:
+            maps[slide] = (attn[:, start:start + len(coords)].float().cpu().numpy(), coords)
+            start += len(coords)
+    return preds, maps
+
+
+class Family(ABC):
+    """What differs between end-to-end and two-stage training. Methods are called in this order:
+    `load`, `build` (torch's generator seeded with the job's fold seed just before), `batches`,
+    `predictor`."""
+
+    def __init__(self, job: TrainingJob, inputs: list[Path]) -> None:
+        self.job, self.spec, self.inputs = job, job.spec, inputs
+
+    @abstractmethod
+    def load(self, cases: list[str]) -> tuple[set[str], set[str]]:
+        """Read the inputs of ``cases``; return (cases that can be predicted, cases that can be trained on)."""
+
+    @abstractmethod
+    def build(self, task: Task, dev: torch.device) -> torch.nn.Module:
+        """The model to train, on ``dev``."""
+
+    @abstractmethod
+    def batches(self, task: Task, train: list[str], dev: torch.device) -> Callable[[int, np.ndarray], Iterable]:
+        """(epoch, bag order: indices into ``train``) → that epoch's (inputs, targets) steps."""
+
+    @abstractmethod
+    def predictor(self, model: torch.nn.Module, task: Task, dev: torch.device) -> Predict:
+        """case ids → (predictions, attention per slide) of their full bags."""
+
+    @property
+    @abstractmethod
+    def patches_per_bag(self) -> float:
+        """Patches in a training bag, on average (for the patches/s column of history.tsv)."""
+
+    def model_extras(self, task: Task) -> dict[str, Any]:
+        """What the model file records besides weights, spec and epoch."""
+        return {"classes": getattr(task, "classes", None)}
+
+
+def run(job: TrainingJob, family: Family) -> int:
+    """Train, select on validation, predict the test subset, write the run's files."""
+    spec = job.spec
+    seed_everything(job.fold_seed)
+    labels, cases = load_fold(job)
+    available, trainable = family.load([c for ids in cases.values() for c in ids])
+    cases = keep_cases(cases, available, trainable)
+    task = build_task(spec["task_type"], labels, cases["train"], spec["n_bins"])
+    dev = torch_device()
+    model = family.build(task, dev)
+    train = cases["train"]
+    strata = task.strata(train)
+    oversample = spec["oversample"] and spec["task_type"] != "survival"
+    draw = family.batches(task, train, dev)
+
+    def batches(epoch: int) -> Iterable:
+        return draw(epoch, balanced_order(strata, job.epoch_rng(epoch), oversample))
+
+    predict = family.predictor(model, task, dev)
+    checkpoint = Checkpoint(job.folder / CHECKPOINT, spec)
+    result = fit(model, task, batches, predict, cases["val"], spec, checkpoint, family.patches_per_bag)
+    write_outputs(job, result, model, predict, cases["test"], family.model_extras(task))
+    checkpoint.finish()
+    return 0
+
+
+def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, predict: Predict,
+                  test_cases: list[str], extras: dict[str, Any]) -> pd.DataFrame:
+    """Predict the test subset with the validation-selected weights; write every file of the run
+    (docs/contracts.md "Training outputs"), run.json last."""
+    out = job.outputs
+    model.load_state_dict(result.best_state)
+    preds, attention = predict(test_cases)
+    with atomic_path(out["predictions"]) as tmp:
+        preds.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out["history"]) as tmp:
+        result.history.to_csv(tmp, sep="\t", index=False)
+    arrays = {"__magnification__": np.array(job.spec["eval_magnification"])}
+    for slide, (attn, coords) in attention.items():
+        arrays[slide] = attn.astype(np.float32)
+        arrays[f"{slide}__coords"] = coords.astype(np.int32)
+    with atomic_path(out["attention"]) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    with atomic_path(out["model"]) as tmp:
+        torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch, **extras}, tmp)
+    job.run.write()
+    return preds

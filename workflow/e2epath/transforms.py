@@ -1,0 +1,72 @@
+"""Patches → model inputs: the one path from stored uint8 RGB patches to normalised tensors.
+
+Training, evaluation of a full bag and two-stage feature extraction all call
+:func:`resized_crops`: crop a box out of each uint8 patch [N, H, W, 3], flip it, resize it to the
+encoder's input size (bilinear) and normalise it with ImageNet RGB statistics, in one batched
+`grid_sample` on the device the model runs on. Training draws RandomResizedCrop boxes with flips
+(:func:`crop_boxes`, geometric augmentation only); evaluation and features use whole, unflipped
+patches (:func:`full_boxes`, via :func:`model_inputs`), so a patch gives the same tensor in every stage.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# RandomResizedCrop: the crop's share of the patch area and its aspect ratio.
+CROP_AREA = (0.5, 1.0)
+CROP_ASPECT = (3 / 4, 4 / 3)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [..., H, W, 3] → ImageNet-normalised float [..., 3, H, W] on x's device.
+
+    The result is a permuted view of NHWC memory, i.e. channels_last for 4-d input.
+    """
+    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=x.device)
+    inv_std = torch.as_tensor(1 / (IMAGENET_STD * 255), device=x.device)
+    y = (x.float() - mean) * inv_std
+    return y.movedim(-1, -3)
+
+
+def crop_boxes(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` RandomResizedCrop boxes (area 0.5–1, aspect 3/4–4/3) with flips:
+    float32 [n, 6] = x0, y0, width, height, flip_x, flip_y (pixels of an h × w patch)."""
+    area = h * w * rng.uniform(*CROP_AREA, n)
+    aspect = np.exp(rng.uniform(math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1]), n))
+    cw = np.minimum(w, np.round(np.sqrt(area * aspect)))
+    ch = np.minimum(h, np.round(np.sqrt(area / aspect)))
+    x0 = np.floor(rng.random(n) * (w - cw + 1))
+    y0 = np.floor(rng.random(n) * (h - ch + 1))
+    flips = rng.random((n, 2)) < 0.5
+    return np.column_stack([x0, y0, cw, ch, flips]).astype(np.float32)
+
+
+def full_boxes(n: int, h: int, w: int) -> torch.Tensor:
+    """Boxes that keep whole patches, unflipped (evaluation, features)."""
+    return torch.tensor([[0, 0, w, h, 0, 0]], dtype=torch.float32).repeat(n, 1)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes`` out of uint8 patches [N, H, W, 3], flip, resize to ``size`` (bilinear) and
+    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag."""
+    n, h, w = x.shape[:3]
+    if n == 0:
+        return torch.zeros(0, 3, size, size, device=x.device)
+    b = boxes.to(x.device, torch.float32)
+    sx = torch.where(b[:, 4] > 0, -1.0, 1.0) * b[:, 2] / w  # output [-1, 1] spans the box
+    sy = torch.where(b[:, 5] > 0, -1.0, 1.0) * b[:, 3] / h
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, (2 * b[:, 0] + b[:, 2]) / w - 1], -1),
+                         torch.stack([zero, sy, (2 * b[:, 1] + b[:, 3]) / h - 1], -1)], 1)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    return F.grid_sample(normalize(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def model_inputs(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole uint8 patches [N, H, W, 3] → normalised float [N, 3, size, size] on x's device."""
+    return resized_crops(x, full_boxes(len(x), *x.shape[1:3]), size)
