@@ -16,6 +16,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/weights.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/e2e.smk"
 include: "workflow/rules/twostage.smk"

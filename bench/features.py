@@ -83,8 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(Path(tmp) / "bench.lmdb", a.n, a.patch_size)
         decoded = [model_inputs(torch.from_numpy(np.stack([store.get_rgb(i) for i in
-                                                           range(s, min(s + a.batch_size, a.n))])), a.input_size)
-                   for s in range(0, a.n, a.batch_size)]
+                                                           range(s, min(s + a.batch_size, a.n))])), a.input_size,
+                                "whole") for s in range(0, a.n, a.batch_size)]
         runs = {"forward (pre-decoded)": lambda: forward_only(encoder, decoded)}
         for w in sorted({0, a.workers}):
             runs[f"extract, workers={w}"] = lambda w=w: timed_extract(encoder, store, a.input_size, a.batch_size, w)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from e2epath.data import Bag, MultiScaleBagDataset, collate_bags
+from e2epath.methods import E2E_RECIPE, GENERIC
 from e2epath.store import (
     LmdbReader,
     LmdbWriter,
@@ -67,9 +68,10 @@ def make_dataset(stores: list[Path], mags: list[int], n_bags: int, n_instances: 
     bags = []
     for b in range(n_bags):
         readers = {m: [LmdbReader(stores[(b + j) % len(stores)])] for j, m in enumerate(mags)}
-        bags.append(Bag(f"B{b}", [f"S{b}"], readers))
+        bags.append(Bag(f"B{b}", f"B{b}", [f"S{b}"], readers))
     targets = [torch.tensor(0)] * n_bags
-    return MultiScaleBagDataset(bags, targets, n_instances, mags, [1 / len(mags)] * len(mags), size, seed=0)
+    augment = {**GENERIC["augment"], **E2E_RECIPE["classification"]["augment"]}  # the sub-typing recipe's
+    return MultiScaleBagDataset(bags, targets, n_instances, mags, [1 / len(mags)] * len(mags), size, 0, augment)
 
 
 def sampled_keys(ds: MultiScaleBagDataset, items: list[int]) -> list[tuple[str, bytes]]:
@@ -130,7 +132,7 @@ def timed(fn, *args) -> tuple[float, int]:
 def dataset_loop(ds: MultiScaleBagDataset, workers: int) -> int:
     loader = DataLoader(ds, batch_size=1, num_workers=workers, collate_fn=collate_bags,
                         prefetch_factor=4 if workers else None)
-    return sum(x.shape[1] for x, _, _, _ in loader)
+    return sum(x.shape[1] for x, *_ in loader)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,11 +32,11 @@ STAGES = ("base", "slide", "preprocess", "data", "train", "evaluate", "figures")
 STAGE_OF = {
     "e2epath": "base", "e2epath.__main__": "base", "e2epath.vocabulary": "base", "e2epath.io": "base",
     "e2epath.devices": "base", "e2epath.store": "base", "e2epath.shards": "base", "e2epath.sheets": "base",
-    "e2epath.layout": "base",
+    "e2epath.layout": "base", "e2epath.cohorts": "base",
     "e2epath.slide": "slide", "e2epath.tiles": "slide", "e2epath.slidewriter": "slide", "e2epath.demo": "slide",
     "e2epath.preprocess": "preprocess",
     "e2epath.transforms": "data", "e2epath.data": "data", "e2epath.features": "data", "e2epath.splits": "data",
-    "e2epath.models": "data",
+    "e2epath.models": "data", "e2epath.sampling": "data",
     "e2epath.methods": "train", "e2epath.metrics": "train", "e2epath.train": "train",
     "e2epath.evaluate": "evaluate",
     "e2epath.figures": "figures",
@@ -251,8 +251,9 @@ def step_parser(step: str, monkeypatch) -> argparse.ArgumentParser:
     return got.value.parser
 
 
-# Flags a rule passes only sometimes (None is left out): optional on purpose.
-SOMETIMES = {"sheet_mpp", "reference", "allow_upsample"}
+# Flags a rule passes only sometimes (None is left out, or no weights file for random init):
+# optional on purpose.
+SOMETIMES = {"sheet_mpp", "reference", "allow_upsample", "pretrained"}
 
 
 def test_what_a_rule_always_passes_its_step_requires(workflows, monkeypatch):

@@ -39,6 +39,12 @@ def test_valid_cohort_dry_run_lists_jobs(tmp_path):
     (lambda c: c.update(unknown_key=1), "unknown_key"),
     (lambda c: c["tasks"]["subtype"].update(typo=1), "typo"),
     (lambda c: c["tasks"]["subtype"].update(type="regression"), "regression"),
+    # no validation subset: model selection would have nothing but the test split to look at
+    (lambda c: c.update(splits={"mode": "kfold", "k": 3, "val_fraction": 0}), "val_fraction"),
+    (lambda c: c.update(splits={"mode": "holdout", "holdout": [0.8, 0.0, 0.2]}), "holdout"),
+    (lambda c: c.update(e2e={"methods": {"m": {"encoder": "resnet18", "aggregator": "abmilx", "weights": "auto"}}}),
+     "auto"),
+    (lambda c: c["tasks"]["subtype"].update(bag="patient"), "patient"),
 ])
 def test_bad_config_keys_fail_validation(tmp_path, mutate, expected):
     """The Snakefile validates the config against the schema before anything else (common.smk);

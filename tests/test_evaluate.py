@@ -185,7 +185,7 @@ def test_pooled_c_index_is_taken_within_test_folds(tmp_path):
 
 def test_main_metric_and_bad_input():
     assert (m.main_metric("classification"), m.main_metric("grading"), m.main_metric("survival")) == \
-        ("auc", "qwk", "c_index")
+        ("auc", "accuracy", "c_index")  # what the paper reports
     with pytest.raises(ValueError, match="unknown task type"):
         m.main_metric("regression")
     df = _cls_df(np.random.default_rng(0), 10, ["a", "b"])
@@ -351,8 +351,8 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     ref["auc"] = _fold_weighted_auc([df.iloc[:25], df.iloc[25:]], classes)  # pairs within a test fold
     for name, value in ref.items():
         assert np.isclose(pooled.loc[name, "point"], value, **TIGHT)
-    assert (pooled["n_cases"] == 60).all()
-    assert (res[res["fold"] == "0"]["n_cases"] == 25).all()
+    assert (pooled["n"] == 60).all()
+    assert (res[res["fold"] == "0"]["n"] == 25).all()
 
     paired = pd.read_csv(paired_out, sep="\t")
     assert list(paired.columns) == ev.PAIRED_COLUMNS
@@ -389,10 +389,51 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
 def test_tables_bold_ties_and_escape():
     rows = []
     for method, family, mean in (("a_1", "e2e", 0.912), ("b_2", "twostage", 0.9121), ("c%3", "twostage", 0.70)):
-        rows.append([method, family, "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05, 50])
+        rows.append([method, family, "case", "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05, 50])
     table = tables.pooled_table(pd.DataFrame(rows, columns=ev.COLUMNS))
     md = tables.to_markdown(table, decimals=1)
     assert "| a_1 | **91.2 [86.2, 96.2]** |" in md and "| b_2 | **91.2" in md  # tie at shown precision
     assert "| c%3 | 70.0 [65.0, 75.0] |" in md
     tex = tables.to_latex(table, decimals=1)
     assert "c\\%3 & 70.0 [65.0, 75.0] \\\\" in tex and "a\\_1 & \\textbf{91.2 [86.2, 96.2]}" in tex
+
+
+@pytest.mark.parametrize("task_type", ["classification", "survival"])
+def test_slide_and_case_metrics_equal_the_reference_libraries_on_the_same_units(tmp_path, task_type):
+    """Slide bags on a cohort whose cases have 1-3 slides: metrics per slide (the slides' own rows)
+    and per case (the mean of a case's slide probabilities / risks), both in metrics.tsv."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for fold in range(2):
+        rows = []
+        for c in range(20):
+            case = f"F{fold}-C{c:02d}"
+            positive, time, event = c % 2, float(rng.integers(1, 40)), int(rng.random() < 0.7)
+            for s in range(1 + c % 3):
+                score = rng.normal(positive * 1.2, 1.0)
+                row = {"slide_id": f"{case}-S{s}", "case_id": case}
+                if task_type == "survival":
+                    row.update(time=time, event=event, risk=score - 0.02 * time)
+                else:
+                    p = 1 / (1 + np.exp(-score))
+                    row.update(label="pos" if positive else "neg", prob_neg=1 - p, prob_pos=p)
+                rows.append(row)
+        frames.append(pd.DataFrame(rows))
+    runs = [write_run(tmp_path, "e2e", "t", task_type, "abx", k, df) for k, df in enumerate(frames)]
+    metrics, _ = ev.evaluate(runs, task_type, n_boot=20, seed=0)
+    assert set(metrics["unit"]) == {"slide", "case"} and ev.primary_unit(metrics) == "slide"
+    for fold, df in enumerate(frames):
+        cases = df.groupby("case_id").agg({c: "first" if c in ("label", "time", "event") else "mean"
+                                           for c in df.columns if c not in ("slide_id", "case_id")})
+        for unit, table in (("slide", df), ("case", cases)):
+            got = metrics[(metrics["unit"] == unit) & (metrics["fold"].astype(str) == str(fold))].set_index("metric")
+            assert (got["n"] == len(table)).all()
+            if task_type == "survival":
+                want = concordance_index(table["time"], -table["risk"], table["event"])
+                assert np.isclose(got.loc["c_index", "point"], want, **TIGHT), unit
+            else:
+                y = table["label"] == "pos"
+                assert np.isclose(got.loc["auc", "point"], roc_auc_score(y, table["prob_pos"]), **TIGHT), unit
+                pred = np.where(table["prob_pos"] > table["prob_neg"], "pos", "neg")
+                assert np.isclose(got.loc["accuracy", "point"], accuracy_score(table["label"], pred), **TIGHT), unit
+    assert len(frames[0]) > 20  # the slide and case numbers really differ

@@ -147,8 +147,11 @@ def test_a_slide_that_failed_preprocessing_is_skipped_and_left_out_of_training(t
 
     sheet = tmp_path / "slides.tsv"
     pd.DataFrame({"slide_id": ["good", "bad"], "case_id": ["c1", "c2"]}).to_csv(sheet, sep="\t", index=False)
-    bags = load_feature_bags(str(sheet), [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")], {"c1", "c2"})
-    assert set(bags) == {"c1"} and bags["c1"][0].shape == good["features"].shape
+    bags, units = load_feature_bags(str(sheet), [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")], {"c1", "c2"})
+    assert set(bags) == {"c1"} and bags["c1"][0].shape == good["features"].shape and units == {"c1": "c1"}
+    slides, units = load_feature_bags(str(sheet), [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")], {"c1", "c2"},
+                                      unit="slide")
+    assert set(slides) == {"good"} and units == {"good": "c1"}
 
 
 def test_a_damaged_patch_fails_the_slide_with_its_index(tmp_path):

@@ -1,6 +1,8 @@
 """Encoders and MIL aggregators: shapes, invariances, masking, the exact chunked attention plus."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pytest
@@ -9,7 +11,7 @@ import torchvision
 
 from e2epath.models import AGGREGATORS, build_aggregator, build_encoder
 from e2epath.models.abmilx import ABMILX, AttentionPlus, propagate_attention
-from e2epath.models.encoders import imagenet_checkpoint_paths
+from e2epath.models.encoders import cli_fetch, fetch_imagenet, imagenet_checkpoint_paths, weights_record
 
 IN_DIM, N_CLASSES = 24, 3
 SMALL = {"abmilx": {"inner_dim": 16, "n_heads": 4}, "transmil": {"inner_dim": 16, "n_heads": 4}}
@@ -163,20 +165,33 @@ def test_gradients_reach_the_encoder_end_to_end():
 def test_encoder_output_width(name, dim, caplog):
     with caplog.at_level(logging.WARNING, logger="e2epath.models.encoders"):
         encoder = build_encoder(name, None).eval()
-    assert "random init, no ImageNet weights" in caplog.text
+    assert "random initialisation (weights: null)" in caplog.text
     assert encoder.out_dim == dim
     assert not any(k.startswith(("layer4", "fc")) for k in encoder.state_dict())
     with torch.no_grad():
         assert encoder(torch.randn(2, 3, 64, 64)).shape == (2, dim)
 
 
+def offline(monkeypatch, torch_home):
+    """An empty torch cache and a network that refuses every connection (an unreachable proxy)."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+
 def test_imagenet_missing_gives_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    offline(monkeypatch, tmp_path)
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert imagenet_checkpoint_paths("resnet18") == [expected]
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(FileNotFoundError) as err:  # a job never downloads: it names the path and the ways out
         build_encoder("resnet18", "imagenet")
-    assert str(expected) in str(err.value) and "weights=<path>" in str(err.value)
+    assert str(expected) in str(err.value) and "weights: <file>" in str(err.value) and "weights: null" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:  # torchvision's download is tried, and its failure said
+        fetch_imagenet("resnet18")
+    assert str(expected) in str(err.value) and "could not be downloaded" in str(err.value)
+    assert not expected.exists()
 
 
 def full_resnet18_file(path):
@@ -194,17 +209,32 @@ def assert_same_trunk(encoder, reference):
 
 
 def test_imagenet_weights_from_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    reference = full_resnet18_file(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    offline(monkeypatch, tmp_path)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    reference = full_resnet18_file(cached)
     assert_same_trunk(build_encoder("resnet18", "imagenet"), reference)
-    assert_same_trunk(build_encoder("resnet18", "auto"), reference)
+    assert fetch_imagenet("resnet18") == cached  # found in the cache: no download tried
+    record = tmp_path / "record.json"
+    assert cli_fetch(["--encoder", "resnet18", "--out", str(record)]) == 0
+    rec = json.loads(record.read_text())
+    assert rec == {"encoder": "resnet18", "path": str(cached),
+                   "sha256": hashlib.sha256(cached.read_bytes()).hexdigest()}
+    assert weights_record("imagenet", [record]) == {"weights": "imagenet", "path": str(cached),
+                                                    "sha256": rec["sha256"]}
+    assert weights_record(None, []) == {"weights": None}
 
 
-def test_auto_without_cache_falls_back_to_random_init(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="e2epath.models.encoders"):
+def test_imagenet_record_job_fails_offline_with_an_empty_cache(tmp_path, monkeypatch, caplog):
+    offline(monkeypatch, tmp_path)
+    with caplog.at_level(logging.ERROR, logger="e2epath.models.encoders"):
+        assert cli_fetch(["--encoder", "resnet50", "--out", str(tmp_path / "r.json")]) == 1
+    assert "resnet50-" in caplog.text and "could not be downloaded" in caplog.text
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_auto_is_refused_not_a_silent_random_init():
+    with pytest.raises(ValueError, match="weights: auto is gone"):
         build_encoder("resnet18", "auto")
-    assert "random init" in caplog.text
 
 
 def test_full_resnet_state_dict_file_loads(tmp_path):
@@ -220,3 +250,17 @@ def test_wrong_weights_file_is_reported(tmp_path):
         build_encoder("resnet18", str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="valid: resnet18, resnet50"):
         build_encoder("vit_b_16", None)
+
+
+def test_abmilx_bias_flags_follow_the_recipe():
+    """attn_bias (the survival config's abx_attn_bias) gives the attention MLP zero-initialised
+    biases; the grading FFN has biases (the public Mlp) unless ffn_bias is off; none elsewhere."""
+    plain = build_aggregator("abmilx", IN_DIM, 2, inner_dim=16, n_heads=4)
+    assert plain.attention.fc1.bias is None and plain.attention.fc2.bias is None and plain.ffn is None
+    survival = build_aggregator("abmilx", IN_DIM, 2, inner_dim=16, n_heads=4, attn_bias=True)
+    assert survival.attention.fc1.bias is not None and not survival.attention.fc1.bias.any()
+    grading = build_aggregator("abmilx", IN_DIM, 2, inner_dim=16, n_heads=4, ffn=True)
+    assert grading.ffn.fc1.bias is not None and not grading.ffn.fc2.bias.any()
+    assert build_aggregator("abmilx", IN_DIM, 2, inner_dim=16, n_heads=4, ffn=True, ffn_bias=False).ffn.fc1.bias is None
+    biased = {n for n, m in grading.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None}
+    assert biased == {"ffn.fc1", "ffn.fc2"}

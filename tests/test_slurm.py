@@ -95,7 +95,8 @@ def test_training_outputs_are_built(run):
     run_dir, _ = run
     for target in TARGETS:
         lines = (run_dir / target).read_text().splitlines()
-        assert lines[0].startswith("case_id") and len(lines) > 1, target
+        # sub-typing bags are slides: one row per test slide, its case beside it
+        assert lines[0].startswith("slide_id\tcase_id\t") and len(lines) > 1, target
 
 
 def test_every_job_went_through_sbatch_and_ran_under_slurmd(run):

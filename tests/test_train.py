@@ -18,7 +18,7 @@ import pytest
 import torch
 from e2epath.data import MultiScaleBagDataset, load_bags
 from e2epath.layout import RUN_FILES, Run
-from e2epath.methods import with_task_defaults
+from e2epath.methods import resolve_method
 from e2epath.metrics import main_metric, task_metrics
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.splits import make_splits
@@ -33,11 +33,20 @@ from helpers import ROOT, write_store_cohort
 FAILED = "CASE-02"  # its stores and manifest rows are "failed"; in fold 0's test subset (checked)
 
 
-def spec_for(task_type: str, **kw) -> dict:
+def spec_for(task_type: str, bag: str = "case", **kw) -> dict:
+    """A resolved E2E spec; bags are cases unless ``bag`` says slides (tests of slide bags say so)."""
     own = {"family": "e2e", "name": "r18_abmilx", "encoder": "resnet18", "aggregator": "abmilx", "weights": None,
            "n_instances": 8, "input_size": 32, "epochs": 2, "lr": 1e-3, "warmup_epochs": 1, "batch_size": 2,
-           "workers": 0, "eval_chunk": 16, "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]}}
-    return with_task_defaults({**own, **kw}, task_type, n_bins=2)
+           "workers": 0, "eval_chunk": 16, "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]},
+           "ema": None, "patience": None, "min_epochs": 0}
+    return resolve_method({**own, **kw}, {"type": task_type, "n_bins": 2, "bag": bag})
+
+
+def twostage_spec(bag: str = "case", **kw) -> dict:
+    own = {"family": "twostage", "name": "ts_abmil", "aggregator": "abmil", "epochs": 3, "lr": 1e-3,
+           "patience": None, "min_epochs": 0, **kw}
+    return resolve_method(own, {"type": "classification", "n_bins": 2, "bag": bag},
+                          {"encoder": "resnet18", "weights": None, "magnification": 20})
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +131,7 @@ def test_gradients_reach_the_encoder_and_alpha():
     model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2))
     patches = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
     rng = np.random.default_rng(0)
-    boxes = torch.from_numpy(crop_boxes(12, 32, 32, rng))
+    boxes = torch.from_numpy(crop_boxes(12, 32, 32, rng, hflip=True, vflip=True, crop_scale=0.08, translate=0.0))
     bags = resized_crops(patches, boxes, 24).view(2, 6, 3, 24, 24)
     loss = torch.nn.functional.cross_entropy(model(bags), torch.tensor([0, 1]))
     loss.backward()
@@ -134,10 +143,10 @@ def test_gradients_reach_the_encoder_and_alpha():
 
 def test_balanced_order_oversamples_minority():
     strata = np.array([0] * 7 + [1] * 2)
-    order = balanced_order(strata, np.random.default_rng(0), oversample=True)
+    order = balanced_order(strata, np.random.default_rng(0), oversample=1)
     assert Counter(strata[order].tolist()) == {0: 7, 1: 7}
     assert set(order[strata[order] == 1]) == {7, 8}
-    plain = balanced_order(strata, np.random.default_rng(0), oversample=False)
+    plain = balanced_order(strata, np.random.default_rng(0), oversample=None)
     assert sorted(plain.tolist()) == list(range(9))
 
 
@@ -147,10 +156,10 @@ def test_an_epoch_oversamples_the_minority_class(cohort):
     train = ["CASE-00", "CASE-04", "CASE-06", "CASE-08", "CASE-10", "CASE-01"]  # 5 negative, 1 positive
     task = build_task("classification", labels, train, 2)
     ds = MultiScaleBagDataset([bags[c] for c in train], [task.target(c) for c in train], 4, [10, 20],
-                              [0.5, 0.5], 32, 0)
+                              [0.5, 0.5], 32, 0, spec_for("classification")["augment"])
     spec = spec_for("classification", n_instances=4, batch_size=3)
     batches = sampled_batches(ds, spec, torch.device("cpu"))
-    for oversample, expected in ((True, {0: 5, 1: 5}), (False, {0: 5, 1: 1})):
+    for oversample, expected in ((1, {0: 5, 1: 5}), (None, {0: 5, 1: 1})):
         order = balanced_order(task.strata(train), np.random.default_rng(0), oversample)
         targets = torch.cat([t for _, t in batches(0, order)]).tolist()
         assert Counter(targets) == expected
@@ -167,9 +176,9 @@ def runs(cohort, tmp_path_factory):
     real_fit = job.fit
 
     def spying_fit(model, task, batches, predict, *args, **kw):
-        def spy(case_ids):
+        def spy(model, case_ids):
             asked.append(list(case_ids))
-            return predict(case_ids)
+            return predict(model, case_ids)
         return real_fit(model, task, batches, spy, *args, **kw)
 
     job.fit = spying_fit
@@ -184,7 +193,8 @@ def runs(cohort, tmp_path_factory):
 def test_same_seed_gives_the_same_first_epoch(runs):
     a = pd.read_csv(runs["out"] / "a/history.tsv", sep="\t")
     b = pd.read_csv(runs["out"] / "b/history.tsv", sep="\t")
-    assert list(a.columns) == ["epoch", "train_loss", "val_metric", "lr", "seconds", "patches_per_s"]
+    assert list(a.columns) == ["epoch", "train_loss", "val_metric", "val_metric_ema", "lr", "seconds",
+                                 "patches_per_s"]
     assert a["epoch"].tolist() == [0, 1, 2]
     assert a.loc[0, "train_loss"] == b.loc[0, "train_loss"]
     pd.testing.assert_frame_equal(a[["train_loss", "val_metric", "lr"]], b[["train_loss", "val_metric", "lr"]])
@@ -205,7 +215,7 @@ def test_selection_uses_validation_only(cohort, runs):
     model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2))
     model.load_state_dict(saved["model"])
     bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
-    preds, _ = full_bag_predictor(model, task, bags, runs["spec"], torch.device("cpu"))(val)
+    preds, _ = full_bag_predictor(task, bags, runs["spec"], torch.device("cpu"))(model, val)
     value = task_metrics("classification", preds)[main_metric("classification")]
     assert value == pytest.approx(history.loc[saved["best_epoch"], "val_metric"], abs=1e-6)
 
@@ -317,8 +327,7 @@ def test_two_stage_runs_through_the_same_skeleton(cohort, tmp_path):
     from e2epath.train import twostage
 
     features = write_feature_files(cohort, tmp_path)
-    spec = with_task_defaults({"family": "twostage", "name": "ts_abmil", "encoder": "resnet18", "aggregator": "abmil",
-                               "eval_magnification": 20, "epochs": 3, "lr": 1e-3}, "classification")
+    spec = twostage_spec()
     out = tmp_path / "run"
     assert twostage.cli(ts_args(cohort, out, spec, features)) == 0
     run = Run.read(out / "run.json")
@@ -354,8 +363,7 @@ def test_both_families_draw_each_epoch_with_the_one_seed_formula(cohort, tmp_pat
         spec = spec_for("classification", epochs=2)
         argv = cli_args(cohort, tmp_path, spec, fold=1)
     else:
-        spec = with_task_defaults({"family": "twostage", "name": "ts", "encoder": "resnet18", "aggregator": "mean",
-                                   "eval_magnification": 20, "epochs": 2}, "classification")
+        spec = twostage_spec(name="ts", aggregator="mean", epochs=2)
         argv = ts_args(cohort, tmp_path, spec, write_feature_files(cohort, tmp_path))
         argv[argv.index("--fold") + 1] = "1"
     argv[argv.index("--seed") + 1] = "7"
@@ -365,5 +373,161 @@ def test_both_families_draw_each_epoch_with_the_one_seed_formula(cohort, tmp_pat
     strata = (labels[train] == "positive").to_numpy().astype(int)
     assert [e for e, _ in seen] == [0, 1]
     for epoch, order in seen:
-        expected = balanced_order(strata, np.random.default_rng([7 * 1000 + 1, epoch]), oversample=True)
+        expected = balanced_order(strata, np.random.default_rng([7 * 1000 + 1, epoch]), oversample=None)
         assert order == expected.tolist()
+
+
+# ------------------------------------------------------------------ weight averaging, selection, early stopping
+
+def test_weight_average_is_the_hand_formula():
+    """θ̄ ← m·θ̄ + (1 − m)·θ for every float entry (BatchNorm statistics included); counters copied."""
+    from e2epath.train.loop import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    avg = WeightAverage(model, 0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model.train()(torch.randn(5, 3))  # moves the running statistics and num_batches_tracked
+        avg.update(model)
+        now = model.state_dict()
+        for key, value in avg.module.state_dict().items():
+            if value.is_floating_point():
+                before[key] = 0.9 * before[key] + 0.1 * now[key]
+                torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(value, now[key]) and int(value) == step + 1
+    assert not any(p.requires_grad for p in avg.module.parameters())
+
+
+class Toy:
+    """Eight cases with one feature x (negative below 0, positive above) and a bias-free linear
+    classifier that starts right (positive logit grows with x); training targets are the flipped
+    labels, so raw weights turn wrong within the first epoch."""
+
+    def __init__(self) -> None:
+        cases = [f"c{i}" for i in range(8)]
+        self.labels = pd.DataFrame({"case_id": cases, "label": ["negative"] * 4 + ["positive"] * 4})
+        self.task = build_task("classification", self.labels, cases, 2)
+        self.x = {c: torch.tensor([[i - 3.5]]) for i, c in enumerate(cases)}
+        self.cases = cases
+
+    def model(self) -> torch.nn.Module:
+        model = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        return model
+
+    def batches(self, epoch):
+        flipped = torch.tensor([1] * 4 + [0] * 4)
+        xs = torch.cat([self.x[c] for c in self.cases])
+        return [(xs[i:i + 2], flipped[i:i + 2]) for i in range(0, 8, 2)]
+
+    def predict(self, model, ids):
+        with torch.no_grad():
+            logits = [model(self.x[c]) for c in ids]
+        return job.bag_outputs(self.task, ids, {c: c for c in ids}, "case", logits, [])
+
+    def spec(self, **kw) -> dict:
+        return {"task_type": "classification", "select_on": "auc", "optimizer": "adam", "lr": 0.5,
+                "weight_decay": 0.0, "epochs": 2, "warmup_epochs": 0, "accumulate": 1, "ema": None,
+                "patience": None, "min_epochs": 0, **kw}
+
+
+def test_averaged_weights_win_selection_when_they_score_better_on_validation(tmp_path):
+    from e2epath.train.loop import Checkpoint, fit
+
+    toy = Toy()
+    spec = toy.spec(ema=0.9)
+    result = fit(toy.model(), toy.task, toy.batches, toy.predict, toy.cases, spec,
+                 Checkpoint(tmp_path / "ckpt.pt", spec), 1)
+    history = result.history
+    assert history["val_metric"].tolist() == [0.0, 0.0]  # raw weights: wrong sign after 4 steps
+    assert history["val_metric_ema"].tolist()[0] == 1.0  # the average still points the right way
+    assert (result.best_epoch, result.best_weights) == (0, "ema")
+    selected = toy.model()
+    selected.load_state_dict(result.best_state)
+    preds, _ = toy.predict(selected, toy.cases)
+    assert task_metrics("classification", preds)["auc"] == 1.0
+    plain = fit(toy.model(), toy.task, toy.batches, toy.predict, toy.cases, toy.spec(),
+                Checkpoint(tmp_path / "plain.pt", toy.spec()), 1)
+    assert plain.best_weights == "raw" and plain.history["val_metric_ema"].isna().all()
+
+
+def test_selection_uses_the_task_select_on_metric(tmp_path):
+    from e2epath.train.loop import Checkpoint, fit
+
+    toy = Toy()
+    spec = toy.spec(select_on="accuracy", epochs=1)
+    result = fit(toy.model(), toy.task, toy.batches, toy.predict, toy.cases, spec,
+                 Checkpoint(tmp_path / "ckpt.pt", spec), 1)
+    trained = toy.model()
+    trained.load_state_dict(result.best_state)
+    preds, _ = toy.predict(trained, toy.cases)
+    assert result.history.loc[0, "val_metric"] == task_metrics("classification", preds)["accuracy"]
+
+
+def test_early_stopping_waits_for_min_epochs(tmp_path):
+    """patience 1 with a validation score that never improves: stopped after the first epoch past
+    min_epochs (the authors' EarlyStopping: counter >= patience and epoch > stop_epoch)."""
+    from e2epath.train.loop import Checkpoint, fit
+
+    toy = Toy()
+    fixed = toy.predict(toy.model(), toy.cases)
+
+    for min_epochs, expected in ((3, 5), (0, 2)):
+        spec = toy.spec(epochs=10, patience=1, min_epochs=min_epochs, lr=1e-3)
+        result = fit(toy.model(), toy.task, toy.batches, lambda m, ids: fixed, toy.cases, spec,
+                     Checkpoint(tmp_path / f"{min_epochs}.pt", spec), 1)
+        assert len(result.history) == expected and result.best_epoch == 0
+
+
+def test_oversampling_ratio_draws_minority_up_to_majority_over_r():
+    strata = np.array([0] * 8 + [1] * 2 + [2] * 5)
+    order = balanced_order(strata, np.random.default_rng(0), oversample=2)
+    assert Counter(strata[order].tolist()) == {0: 8, 1: 4, 2: 5}  # ⌈8 / 2⌉ = 4; 5 is enough already
+    assert set(order[strata[order] == 1]) == {8, 9}
+
+
+@pytest.mark.parametrize("family", ["e2e", "twostage"])
+def test_slide_bags_predict_every_test_slide_with_its_case(cohort, tmp_path, family):
+    """bag: slide (the classification default): one prediction row and one attention map per test
+    slide, `slide_id` before `case_id`; splits stay by case."""
+    from e2epath.train import twostage
+
+    if family == "e2e":
+        spec = spec_for("classification", bag="slide", epochs=1)
+        assert e2e.cli(cli_args(cohort, tmp_path, spec)) == 0
+    else:
+        spec = twostage_spec(bag="slide", epochs=1)
+        assert twostage.cli(ts_args(cohort, tmp_path, spec, write_feature_files(cohort, tmp_path))) == 0
+    preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t", dtype=str)
+    assert list(preds.columns[:3]) == ["slide_id", "case_id", "label"]
+    sheet = pd.read_csv(cohort["slides"], sep="\t", dtype=str)
+    test = [c for c in subset(cohort, "test") if c != FAILED]
+    expected = sorted(sheet.loc[sheet["case_id"].isin(test), "slide_id"])
+    assert sorted(preds["slide_id"]) == expected and preds["slide_id"].is_unique
+    assert (preds.set_index("slide_id")["case_id"] == sheet.set_index("slide_id")["case_id"][preds["slide_id"]]).all()
+    assert preds.groupby("case_id").size().max() == 2  # CASE-01 has two slides, each its own bag
+    with np.load(tmp_path / "attention.npz") as npz:
+        assert sorted(k for k in npz.files if not k.startswith("__") and not k.endswith("__coords")) == expected
+    saved = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
+    assert saved["spec"]["bag"] == "slide" and saved["weights"] == "raw"
+
+
+def test_a_padded_short_bag_scores_as_if_alone():
+    """E2EModel(bags, mask): padding never reaches the encoder or the aggregator."""
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", None)
+    model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2)).eval()
+    bags = torch.randn(2, 6, 3, 32, 32)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    padded = bags.clone()
+    padded[1, 4:] = 1e3  # whatever the padding holds
+    with torch.no_grad():
+        both = model(padded, mask)
+        torch.testing.assert_close(both[1], model(bags[1:, :4])[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(both[0], model(bags[:1])[0], rtol=0, atol=1e-5)

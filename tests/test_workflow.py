@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from e2epath.layout import RUN_DIR
 from helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.workflow
@@ -351,3 +352,40 @@ def test_sharded_adding_a_slide_redoes_that_slide_alone(sharded, tmp_path):
         manifest = pd.read_csv(sharded / "results/patches/manifest.tsv", sep="\t")
         assert set(manifest.loc[manifest["slide_id"] == "EXTRA-1", "status"]) == {"ok"}
     assert planned(sharded, SHARDED) == {}  # the fixture is as it was: nothing to do
+
+
+def test_a_two_by_two_sweep_is_four_methods_and_one_new_value_runs_only_its_own(run, tmp_path):
+    config = edited()
+    config["sweeps"] = {"grid": {"base": "r18_mean", "grid": {"epochs": [1, 2], "aggregator_kw.dropout": [0.0, 0.25]}}}
+    # keys in the config's order (the written config sorts them), values as written
+    names = [f"grid.dropout-{d}.epochs-{e}" for d in ("0.0", "0.25") for e in (1, 2)]
+    jobs = planned(run, config)
+    assert jobs["train_e2e"] == 4 * 2 * FOLDS  # four new methods, both tasks, every fold; nothing else trains
+    assert "train_mil" not in jobs and "patch" not in jobs
+    with left_as_found(run, tmp_path):
+        targets = [RUN_DIR.format(family="e2e", task=task, method=name, fold=k) + "/run.json"
+                   for name in names for task in TINY["tasks"] for k in range(FOLDS)]
+        res = snakemake(run, config, "--cores", "2", *targets)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        for name in names:
+            assert (run / f"results/e2e/subtype/{name}/fold0/predictions.tsv").is_file(), name
+        config["sweeps"]["grid"]["grid"]["aggregator_kw.dropout"] = [0.0, 0.5]
+        jobs = planned(run, config)
+        assert jobs.pop("train_e2e") == 2 * 2 * FOLDS  # dropout 0.5 with epochs 1 and 2; dropout 0.0 untouched
+        assert set(jobs) <= {"evaluate", "tables", "figures_task"}, jobs
+
+
+def test_imagenet_weights_that_cannot_be_had_stop_the_run_before_any_training(run, tmp_path):
+    """weights: imagenet, an empty torch cache and no network: the imagenet_weights job fails with
+    the cache path and the ways out, and no training job starts."""
+    config = edited(e2e__defaults__weights="imagenet")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    with left_as_found(run, tmp_path / "saved"):
+        res = snakemake(run, config, "--cores", "2", "all", env=env)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-3000:]
+        assert "rule imagenet_weights" in out and "rule train_e2e" not in out, out[-3000:]
+        log = (run / "results/logs/imagenet_weights/resnet18.log").read_text()
+        assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in log
+        assert "could not be downloaded" in log and "weights: <file>" in log and "weights: null" in log

@@ -1,4 +1,5 @@
-"""`python -m e2epath <step> ...` — one sub-command per rule, nothing else.
+"""`python -m e2epath <step> ...` — one sub-command per rule, and the user's tools (`check` a
+sheet, print the resolved `methods`, write a `cohort`'s sheet and labels).
 
 Each step lives in one module as `cli(argv) -> int`; modules are imported lazily so a step
 that reads a TSV does not pay for importing torch.
@@ -25,6 +26,9 @@ STEPS: dict[str, str] = {
     "patch": "e2epath.preprocess.patching:cli",
     "patch_shard": "e2epath.preprocess.patching:cli_shard",
     "manifest": "e2epath.preprocess.patching:cli_manifest",
+    "imagenet_weights": "e2epath.models.encoders:cli_fetch",
+    "methods": "e2epath.methods:cli",
+    "cohort": "e2epath.cohorts:cli",
     "splits": "e2epath.splits:cli",
     "train_e2e": "e2epath.train.e2e:cli",
     "extract_features": "e2epath.features:cli",

@@ -4,11 +4,13 @@ Multi-scale random instance sampling is eq. 2 of W. Tang, R. Qin, H. Fang, F. Zh
 M.-M. Cheng, "Revisiting End-to-End Learning with Slide-level Supervision in Computational
 Pathology", NeurIPS 2025, arXiv:2506.02408 ("the paper"; docs/method.md).
 
-A bag is a case: the patches of all its slides. Training draws ⌈s·σ_j⌉ patches per
-magnification j uniformly without replacement (with replacement only when the case has fewer),
-decodes them to RGB and draws geometric augmentation only: a RandomResizedCrop box and flips per
-patch. Loader workers do what only a CPU can (LMDB get + JPEG decode) and ship uint8 patches at
-their stored size plus the boxes; `transforms.resized_crops` then crops, flips, resizes and
+A bag is a slide or a case (all its slides), the task's `bag` unit. Training draws ŝ_j patches per
+magnification j (`sampling.scale_counts`: Σ ŝ_j = s) uniformly without replacement; a bag with
+fewer patches than that gives each of them once — a shorter bag, padded and masked when batched
+(`collate_bags`), so no patch counts twice in the attention. Patches are decoded to RGB and get
+geometric augmentation only: a RandomResizedCrop box, optional flips and shift per patch. Loader
+workers do what only a CPU can (LMDB get + JPEG decode) and ship uint8 patches at their stored size
+plus the boxes; `transforms.resized_crops` then crops, flips, resizes and
 normalises (ImageNet RGB statistics) the whole bag in one batched `grid_sample` on the training device.
 On a GPU that costs nothing, and the loader runs at the speed of decoding (bench/loader.py).
 
@@ -20,7 +22,6 @@ once per worker process (`LmdbReader`).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,78 +31,86 @@ import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .io import read_records
+from .sampling import scale_counts
 from .store import LmdbReader
 from .transforms import crop_boxes
 
 logger = logging.getLogger(__name__)
 
 
+UNITS = ("slide", "case")  # what a bag is: the config's tasks.<task>.bag
+
+
 @dataclass
 class Bag:
-    """One case: its slides' stores per magnification, slides in slide-id order."""
+    """One unit of prediction — a slide, or a case with all its slides — and its stores per
+    magnification (slides in slide-id order)."""
 
+    unit_id: str
     case_id: str
-    slides: list[str]
+    slides: list[str] = field(default_factory=list)
     stores: dict[int, list[LmdbReader]] = field(default_factory=dict)
 
     def n_patches(self, mag: int) -> int:
         return sum(len(s) for s in self.stores.get(mag, []))
 
 
-def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str]) -> dict[str, Bag]:
-    """Bags of ``cases`` from the manifest rows (per-slide JSONs or shard tables); slides that are
-    not `ok` are skipped, logged.
+def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str], unit: str = "case") -> dict[str, Bag]:
+    """Bags of the slides of ``cases`` from the manifest rows (per-slide JSONs or shard tables),
+    one per case or one per slide (``unit``); slides that are not `ok` are skipped, logged.
 
-    A case none of whose slides has a usable store is left out with a warning naming it.
+    A bag none of whose slides has a usable store is left out with a warning naming it.
     """
+    if unit not in UNITS:
+        raise ValueError(f"bag unit {unit!r} is not one of {UNITS}")
     sheet = pd.read_csv(slides_tsv, sep="\t", dtype={"slide_id": str, "case_id": str})
-    case_of = dict(zip(sheet["slide_id"], sheet["case_id"]))
-    bags = {c: Bag(c, []) for c in cases}
+    wanted = set(cases)
+    case_of = {s: c for s, c in zip(sheet["slide_id"], sheet["case_id"]) if c in wanted}
+    unit_of = case_of if unit == "case" else {s: s for s in case_of}
+    bags = {u: Bag(u, case_of[s]) for s, u in sorted(unit_of.items(), key=lambda x: (case_of[x[0]], x[1]))}
     problems: dict[str, list[str]] = {}
     # a fixed slide order whatever order the rule lists rows in, per-slide files or shard tables
     for row in sorted(read_records(rows), key=lambda r: (f"{r['magnification']}x", r["slide_id"])):
-        case = case_of.get(row["slide_id"])
-        if case not in bags:
+        if row["slide_id"] not in unit_of:
             continue
+        bag = bags[unit_of[row["slide_id"]]]
         if row["status"] != "ok" or not row.get("n_patches"):
             why = f"{row['slide_id']} at {row['magnification']}x: {row['status']} {row.get('message') or ''}"
-            problems.setdefault(case, []).append(why.strip())
+            problems.setdefault(bag.unit_id, []).append(why.strip())
             logger.info("skip slide %s", why)
             continue
-        bag = bags[case]
         if row["slide_id"] not in bag.slides:
             bag.slides.append(row["slide_id"])
         bag.stores.setdefault(int(row["magnification"]), []).append(LmdbReader(row["lmdb"]))
-    for case in [c for c, b in bags.items() if not b.stores]:
-        logger.warning("case %s is skipped: no slide has usable patches at any magnification (%s)",
-                       case, "; ".join(problems.get(case, ["no manifest row"])))
-        del bags[case]
+    for u in [u for u, b in bags.items() if not b.stores]:
+        logger.warning("%s %s is skipped: no slide has usable patches at any magnification (%s)",
+                       unit, u, "; ".join(problems.get(u, ["no manifest row"])))
+        del bags[u]
     return bags
 
 
-def scale_counts(n_instances: int, ratios: list[float]) -> list[int]:
-    """ŝ_j = ⌈s·σ_j⌉ (eq. 2 of the paper); the tolerance keeps 0.3·10 from rounding up to 4."""
-    return [math.ceil(n_instances * r - 1e-9) for r in ratios]
-
-
 class MultiScaleBagDataset(Dataset):
-    """Training bags of exactly Σ⌈s·σ_j⌉ patches, in the order set by :meth:`set_epoch`.
+    """Training bags of (at most) s = Σ ŝ_j patches, in the order set by :meth:`set_epoch`.
 
     Item ``i`` of an epoch is bag ``order[i]``: (uint8 patches [S, P, P, 3] at the stored size P,
-    crop boxes [S, 6] for `resized_crops`, target, bag index).
+    crop boxes [S, 6] for `transforms.resized_crops`, target, bag index); S = s unless the bag holds
+    fewer patches at a magnification than it asks for, which then gives each of them once.
+    ``augment``: {hflip, vflip, crop_scale, translate} (`transforms.crop_boxes`).
     """
 
     def __init__(self, bags: list[Bag], targets: list[torch.Tensor], n_instances: int,
-                 magnifications: list[int], ratios: list[float], input_size: int, seed: int) -> None:
+                 magnifications: list[int], ratios: list[float], input_size: int, seed: int,
+                 augment: dict) -> None:
         if len(magnifications) != len(ratios) or abs(sum(ratios) - 1) > 1e-6:
             raise ValueError(f"sampling: {len(ratios)} ratios for {len(magnifications)} magnifications "
                              f"summing to {sum(ratios):g}; give one ratio per magnification, summing to 1")
         self.bags, self.targets = bags, targets
         self.mags, self.counts = list(magnifications), scale_counts(n_instances, ratios)
         self.input_size, self.seed = input_size, seed
+        self.augment = dict(augment)
         for bag in bags:
             if not any(bag.n_patches(m) for m in self.mags):
-                raise ValueError(f"case {bag.case_id}: no patches at the sampling magnifications "
+                raise ValueError(f"{bag.unit_id} (case {bag.case_id}): no patches at the sampling magnifications "
                                  f"{self.mags}; drop it from training or add a magnification")
         self.set_epoch(0)
 
@@ -133,7 +142,7 @@ class MultiScaleBagDataset(Dataset):
         for m, count in self.scale_counts_of(bag).items():
             sizes = [len(s) for s in bag.stores[m]]
             total = sum(sizes)
-            flat = rng.choice(total, size=count, replace=total < count)
+            flat = rng.choice(total, size=min(count, total), replace=False)  # a short bag: each patch once
             offsets = np.cumsum([0] + sizes)
             store = np.searchsorted(offsets, flat, side="right") - 1
             picks += [(m, int(s), int(f - offsets[s])) for s, f in zip(store, flat)]
@@ -153,7 +162,7 @@ class MultiScaleBagDataset(Dataset):
                                      "run has preprocess.patch_size: rerun its patch jobs")
                 patches.numpy()[k] = rgb
         rng = np.random.default_rng([self.seed, self.epoch, position, 1])
-        boxes = crop_boxes(len(picks), *patches.shape[1:3], rng)
+        boxes = crop_boxes(len(picks), *patches.shape[1:3], rng, **self.augment)
         return patches, torch.from_numpy(boxes), self.targets[index], index
 
 
@@ -165,10 +174,23 @@ def _bag_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def collate_bags(items: list) -> list:
-    """`default_collate`, except that a batch of one bag is a view, not a copy of 10^8 bytes."""
+    """(patches [B, S, P, P, 3], boxes [B, S, 6], targets, indices, mask [B, S] or None): bags of
+    different lengths are zero-padded to the longest, ``mask`` marking the real patches (None when
+    every bag is full). A batch of one bag is a view, not a copy of 10^8 bytes."""
     if len(items) == 1:
-        return [x.unsqueeze(0) if isinstance(x, torch.Tensor) else default_collate([x]) for x in items[0]]
-    return default_collate(items)
+        return [x.unsqueeze(0) if isinstance(x, torch.Tensor) else default_collate([x]) for x in items[0]] + [None]
+    lengths = [len(item[0]) for item in items]
+    if len(set(lengths)) == 1:
+        return default_collate(items) + [None]
+    longest = max(lengths)
+    patches = torch.zeros((len(items), longest, *items[0][0].shape[1:]), dtype=torch.uint8)
+    boxes = torch.zeros((len(items), longest, items[0][1].shape[1]), dtype=items[0][1].dtype)
+    mask = torch.zeros((len(items), longest), dtype=torch.bool)
+    for b, (p, box, _, _) in enumerate(items):
+        patches[b, :len(p)], boxes[b, :len(p)], mask[b, :len(p)] = p, box, True
+        boxes[b, len(p):] = box[:1]  # padding boxes: any valid box (their pixels are masked out)
+    rest = default_collate([item[2:] for item in items])
+    return [patches, boxes, *rest, mask]
 
 
 def _group(picks: list[tuple[int, int, int]]) -> dict[tuple[int, int], list[int]]:

@@ -30,6 +30,7 @@ from . import shards
 from .devices import torch_device
 from .io import atomic_path, read_records
 from .models import build_encoder
+from .models.encoders import weights_record
 from .store import LmdbReader, decode_jpeg
 from .transforms import model_inputs
 from .vocabulary import ENCODERS, MAGNIFICATIONS
@@ -111,7 +112,8 @@ def extract(encoder: nn.Module, store: LmdbReader, input_size: int, batch_size: 
     for batch in tqdm(batches, desc=store.meta["slide_id"], total=len(batches)):
         if cuda:  # uint8 travels: 4x less host → device traffic than float
             batch = batch.pin_memory()
-        x = model_inputs(batch.to(dev, non_blocking=True), input_size).contiguous(memory_format=layout)
+        x = model_inputs(batch.to(dev, non_blocking=True), input_size, "whole")
+        x = x.contiguous(memory_format=layout)
         with torch.autocast(dev.type, enabled=cuda):
             feats.append(encoder(x).half().cpu())
     return torch.cat(feats) if feats else torch.zeros(0, encoder.out_dim, dtype=torch.float16)
@@ -149,12 +151,13 @@ class FeatureParams:
     batch_size: int
     seed: int
     workers: int              # decoding threads (0: decode inline); speed only
+    pretrained: tuple[Path, ...] = ()  # the imagenet_weights record or the weights file
 
     def fingerprint(self) -> dict:
         """What the features depend on (not `workers`), a weights file by its stamp."""
-        out = {k: v for k, v in asdict(self).items() if k != "workers"}
-        if self.weights is not None and Path(self.weights).is_file():
-            out["weights"] = shards.file_stamp(self.weights)
+        out = {k: v for k, v in asdict(self).items() if k not in ("workers", "pretrained")}
+        if self.pretrained:
+            out["weights"] = shards.file_stamp(self.pretrained[0])
         return out
 
 
@@ -167,12 +170,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--workers", type=int, required=True, help="decoding threads (0: decode inline)")
+    ap.add_argument("--pretrained", nargs="*", default=[], type=Path,
+                    help="the imagenet_weights record or the weights file (none for random init)")
     return ap
 
 
 def _params(a: argparse.Namespace) -> FeatureParams:
     weights = None if a.weights in ("None", "null") else a.weights
-    return FeatureParams(a.encoder, a.magnification, weights, a.input_size, a.batch_size, a.seed, a.workers)
+    return FeatureParams(a.encoder, a.magnification, weights, a.input_size, a.batch_size, a.seed, a.workers,
+                         tuple(a.pretrained))
 
 
 class Extractor:
@@ -182,6 +188,7 @@ class Extractor:
         self.params = params
         self.dev = torch_device()
         self.encoder: nn.Module | None = None
+        self.weights: dict | None = None
 
     def __call__(self, slide: str, rows: list[dict], out: str | Path) -> dict:
         """Write ``out`` (the .pt record) and return its status: ok, skipped or failed."""
@@ -194,6 +201,7 @@ class Extractor:
         else:
             if self.encoder is None:
                 self.encoder = build_frozen_encoder(p.encoder, p.weights, p.seed, self.dev)
+                self.weights = weights_record(p.weights, list(p.pretrained))
             store = LmdbReader(row["lmdb"])
             mag = int(float(row["magnification"]))
             try:
@@ -203,6 +211,7 @@ class Extractor:
             except (ValueError, KeyError) as err:  # a damaged store is this slide's problem, not the run's
                 logger.error("slide %s: %s", slide, err)
                 rec = record(slide, "failed", str(err), mag)
+        rec["encoder_weights"] = self.weights
         with atomic_path(out) as tmp:
             torch.save(rec, tmp)
         return {"slide_id": slide, "status": rec["status"], "message": rec["message"], "path": str(out)}

@@ -46,6 +46,9 @@ SHARD_MARKERS = {
     "features": "results/shards/done/features/{encoder}/{mag}x",
 }
 
+# torchvision's ImageNet weights, fetched once into the torch cache: where they are, and their hash
+IMAGENET_WEIGHTS = "results/weights/imagenet/{encoder}.json"
+
 # ------------------------------------------------------------------ per task
 SPLITS = "results/splits/{task}.tsv"
 METRICS = "results/metrics/{task}.tsv"

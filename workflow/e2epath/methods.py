@@ -1,90 +1,311 @@
-"""Resolve each configured method's hyper-parameters; the one owner of method defaults.
+"""Every method's hyper-parameters, resolved per task: the one owner of method defaults.
 
-Precedence: the method's own keys > the family's `defaults` > the paper's per-task-type values
-(appendix B.3 of W. Tang et al., "Revisiting End-to-End Learning with Slide-level Supervision in
-Computational Pathology", NeurIPS 2025, arXiv:2506.02408) > the generic defaults below. The
-resolved dict is what a training job receives as a plain param, so changing one method's
-hyper-parameters reruns only that method's jobs.
+The defaults are the published recipe of the ABMILX paper — W. Tang et al., "Revisiting End-to-End
+Learning with Slide-level Supervision in Computational Pathology", NeurIPS 2025, arXiv:2506.02408
+("the paper"): its appendix B.3, and where they are more specific or disagree, the authors' own
+configs (`config/e2e/r18_*.yaml`, `config/feat/*.yaml` of their public code). docs/recipe.md lists
+every value with its source and the few places where e2epath departs from them, and why.
+
+Precedence, highest first: the method's own keys > its family's `defaults` > the recipe for the
+task type and encoder (`E2E_ENCODER_RECIPE` over `E2E_RECIPE`; for `aggregator_kw`, per aggregator
+too) > the generic defaults below.
+`aggregator_kw`, `augment` and `sampling` merge key by key; everything else is replaced whole. A task's `bag`
+unit, `select_on` metric and `oversample` ratio come from the task (`TASK_DEFAULTS` per task type).
+
+The resolved dict is what a training job receives as a plain param, so changing one method's
+hyper-parameters reruns only that method's jobs. `python -m e2epath methods --config FILE` prints
+every task × method's resolved dict.
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import itertools
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
+from .sampling import scale_counts
+from .vocabulary import FAMILIES, MAIN_METRIC, METRICS
+
+# A task's unit of prediction, its model-selection metric (the metric the paper reports) and the
+# oversampling of its training classes: properties of the task's data, the same for every method.
+TASK_KEYS = ("bag", "select_on", "oversample")
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"bag": "slide", "select_on": MAIN_METRIC["classification"], "oversample": None},
+    "grading": {"bag": "slide", "select_on": MAIN_METRIC["grading"], "oversample": None},
+    "survival": {"bag": "case", "select_on": MAIN_METRIC["survival"], "oversample": None},
+}
+
+# What no task type changes.
 GENERIC: dict[str, Any] = {
-    "weights": "auto",  # ImageNet from the torch cache when present, else random init (logged)
+    "weights": "imagenet",  # torchvision's ImageNet weights (fetched once into the torch cache)
     "aggregator_kw": {},
-    "n_instances": 512,
-    "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]},
-    "eval_magnification": 10,
     "input_size": 224,
-    "warmup_epochs": 1,
-    "batch_size": 1,
     "accumulate": 1,
-    "patience": None,
     "workers": 4,
     "eval_chunk": 256,
-    "oversample": True,
+    "ema": None,
+    "patience": None,
+    "min_epochs": 0,
+    "warmup_epochs": 0,
+    "augment": {"hflip": False, "vflip": False, "crop_scale": 0.08, "translate": 0.0},
+    "eval_crop": "center",  # evaluate the centre input_size crop of each stored patch (CenterCrop 224 of 256)
 }
 
-# The paper, B.3: end-to-end per task type.
-E2E_PAPER: dict[str, dict[str, Any]] = {
-    "grading": {"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5, "epochs": 200},
-    "classification": {"optimizer": "adamw", "lr": 8e-5, "weight_decay": 0.0, "epochs": 75},
-    "survival": {"optimizer": "adamw", "lr": 8e-5, "weight_decay": 5e-2, "epochs": 30},
+# End to end, per task type: the authors' ResNet-18 configs (r18_brca_subtyping, r18_panda,
+# r18_brca_survival) on top of B.2 / B.3. Sampling: a main magnification (the first; evaluation
+# reads it) and a secondary, coarser one whose share is 1 / mul_scale_ratio (4, 4, 10); s = same_psize.
+E2E_RECIPE: dict[str, dict[str, Any]] = {
+    "classification": {
+        "sampling": {"magnifications": [10, 5], "ratios": [0.75, 0.25]},
+        "n_instances": 512, "batch_size": 3,
+        "augment": {"crop_scale": 0.25},                       # "weak": RandomResizedCrop only
+        "optimizer": "adamw", "lr": 8e-5, "weight_decay": 0.0, "epochs": 75, "warmup_epochs": 10,
+        "patience": 10, "min_epochs": 50,
+        "ema": 0.9997,                                          # test_type both_ema, default momentum
+    },
+    "grading": {
+        # the paper's PANDA "40x" + "20x" are the scans' full resolution (0.45-0.49 µm/px) and half
+        # of it: 20x and 10x in e2epath, which names magnifications by µm per pixel (docs/resolution.md)
+        "sampling": {"magnifications": [20, 10], "ratios": [0.75, 0.25]},
+        "n_instances": 128, "batch_size": 8,
+        "augment": {"hflip": True, "vflip": True},             # "strong": flips + RandomResizedCrop
+        "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5, "epochs": 200,
+        "patience": 20, "min_epochs": 120,
+        "ema": 0.9999,
+    },
+    "survival": {
+        "sampling": {"magnifications": [10, 5], "ratios": [0.9, 0.1]},
+        "n_instances": 768, "batch_size": 2,
+        "optimizer": "adamw", "lr": 8e-5, "weight_decay": 5e-2, "epochs": 30, "warmup_epochs": 5,
+        "patience": 10, "min_epochs": 20,
+    },
 }
-# The paper, B.3: two-stage (ResNet-50 features), full bags, batch size 1.
-TWOSTAGE_PAPER: dict[str, dict[str, Any]] = {
-    "grading": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 200},
-    "classification": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 75},
-    "survival": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 75},
+# What the authors' ResNet-50 configs change on top (r50_brca_subtyping: s 128 at a 2:1 main:secondary
+# split, batch 4, "weak_strong" = a random shift of up to 100/256 then RandomResizedCrop 0.08-1,
+# 125 epochs without early stopping before the end; r50_panda: batch 4, AdamW with weight decay
+# 1e-2, a 256-d projection, no early stopping before epoch 200). No R50 survival config is
+# published: R50 survival runs the task-type recipe above.
+E2E_ENCODER_RECIPE: dict[str, dict[str, dict[str, Any]]] = {
+    "classification": {
+        "resnet50": {"sampling": {"magnifications": [10, 5], "ratios": [2 / 3, 1 / 3]}, "n_instances": 128,
+                     "batch_size": 4, "augment": {"crop_scale": 0.08, "translate": 100 / 256},
+                     "epochs": 125, "min_epochs": 125},
+    },
+    "grading": {
+        "resnet50": {"batch_size": 4, "optimizer": "adamw", "weight_decay": 1e-2, "min_epochs": 200,
+                     "aggregator_kw": {"inner_dim": 256}},
+    },
+    "survival": {},
 }
+# Aggregator settings per task type, every ABMILX option the recipe sets spelled out (heads, FFN,
+# the attention MLP's bias, attention plus, dropout) so `methods` prints all of it: abx_attn_plus
+# true in every config; n_heads 8 and dropout 0.25 are the authors' defaults; inner_dim 256 where
+# the configs say so, else their default 512 (grading).
+E2E_AGGREGATOR_KW: dict[str, dict[str, dict[str, Any]]] = {
+    "classification": {"*": {"inner_dim": 256},
+                       "abmilx": {"n_heads": 8, "ffn": False, "attn_bias": False, "attn_plus": True, "dropout": 0.25}},
+    "grading": {"*": {"inner_dim": 512},
+                "abmilx": {"n_heads": 4, "ffn": True, "attn_bias": False, "attn_plus": True, "dropout": 0.25}},
+    "survival": {"*": {"inner_dim": 256},
+                 "abmilx": {"n_heads": 8, "ffn": False, "attn_bias": True, "attn_plus": True, "dropout": 0.25}},
+}
+# Two-stage (B.3 for ResNet-50 features: AdamW, lr 2e-4, no weight decay, 512-d projection; epochs
+# and early stopping from the authors' feature configs), full bags, batch size 1.
+TWOSTAGE_RECIPE: dict[str, dict[str, Any]] = {
+    "classification": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 75,
+                       "patience": 20, "min_epochs": 75},
+    "grading": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 200,
+                "patience": 20, "min_epochs": 100},
+    "survival": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 30,
+                 "patience": 10, "min_epochs": 30},
+}
+TWOSTAGE_AGGREGATOR_KW: dict[str, dict[str, dict[str, Any]]] = {
+    t: {"*": {"inner_dim": 512}} for t in TWOSTAGE_RECIPE}
+# Full bags of frozen features: nothing is sampled, augmented, cropped or averaged.
+TWOSTAGE_FIXED = {"batch_size": 1, "augment": None, "eval_crop": None, "ema": None, "sampling": None,
+                  "n_instances": None, "input_size": None}
+MERGED = ("aggregator_kw", "augment", "sampling")
 
 
-def resolve_methods(config: dict) -> dict[str, dict[str, Any]]:
-    """Every E2E and two-stage method with its family's defaults merged in (task-independent)."""
+class ConfigError(ValueError):
+    """A config that cannot be resolved; the message names the key and what to do."""
+
+
+def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in MERGED and isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def declared_methods(config: dict) -> dict[str, dict[str, Any]]:
+    """Every method of the config — its own keys on top of its family's defaults — the sweeps'
+    generated ones included, by name, with `family` and `name` set (task-independent)."""
     methods: dict[str, dict[str, Any]] = {}
-    ts = config["twostage"]
-    shared_ts = {k: ts[k] for k in ("encoder", "weights", "input_size", "batch_size")}
-    shared_ts["eval_magnification"] = ts["magnification"]
-    families = {"e2e": (config["e2e"], {}), "twostage": (config["twostage"], shared_ts)}
-    for family, (section, shared) in families.items():
+    for family in FAMILIES:
+        section = config[family]
         for name, own in section["methods"].items():
             if name in methods:
-                raise ValueError(f"config: method name {name!r} is used by both e2e and twostage; "
-                                 "method names must be unique (they name result folders and table rows)")
-            spec = {**section["defaults"], **shared, **own, "family": family, "name": name}
+                raise ConfigError(f"config: method name {name!r} is used by both e2e and twostage; method "
+                                  "names must be unique (they name result folders and table rows)")
             if family == "twostage" and "encoder" in own:
-                raise ValueError(f"config twostage.methods.{name}: set the encoder once in "
-                                 "twostage.encoder (features are shared by all two-stage methods)")
-            missing = [k for k in ("encoder", "aggregator") if k not in spec]
-            if missing:
-                raise ValueError(f"config {family}.methods.{name}: missing {', '.join(missing)}")
-            _check_sampling(name, spec)
-            methods[name] = spec
+                raise ConfigError(f"config twostage.methods.{name}: set the encoder once in twostage.encoder "
+                                  "(features are shared by all two-stage methods)")
+            methods[name] = {**_merge(section["defaults"], own), "family": family, "name": name}
+    for sweep, spec in config.get("sweeps", {}).items():
+        for name, method in expand_sweep(sweep, spec, methods).items():
+            if name in methods:
+                raise ConfigError(f"config sweeps.{sweep}: generated method {name!r} exists already")
+            methods[name] = method
+    for name, spec in methods.items():
+        missing = [k for k in ("encoder", "aggregator") if k not in spec and spec["family"] == "e2e"]
+        if missing or "aggregator" not in spec:
+            raise ConfigError(f"config {spec['family']}.methods.{name}: missing {', '.join(missing or ['aggregator'])}")
+        if spec.get("weights") == "auto":
+            raise ConfigError(f"config method {name!r}: weights: auto is gone (it fell back to random init without "
+                              "a word); use imagenet (fetched once into the torch cache), a weights file, or null "
+                              "for random init")
     return methods
 
 
-def _check_sampling(name: str, spec: dict[str, Any]) -> None:
-    sampling = spec.get("sampling")
-    if sampling and len(sampling["magnifications"]) != len(sampling["ratios"]):
-        raise ValueError(f"config method {name!r}: sampling.magnifications and sampling.ratios "
-                         "must have the same length")
-    if sampling and abs(sum(sampling["ratios"]) - 1.0) > 1e-6:
-        raise ValueError(f"config method {name!r}: sampling.ratios must sum to 1 (the paper's eq. 2), "
-                         f"got {sum(sampling['ratios']):g}")
+def _value_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "_".join(_value_name(v) for v in value)
+    if isinstance(value, dict):
+        return "_".join(f"{k}{_value_name(v)}" for k, v in sorted(value.items()))
+    return str(value)
 
 
-def with_task_defaults(spec: dict[str, Any], task_type: str, n_bins: int = 4) -> dict[str, Any]:
-    """Fill what the method left out from the paper's per-task-type values, then generic ones."""
-    paper = (E2E_PAPER if spec["family"] == "e2e" else TWOSTAGE_PAPER)[task_type]
-    out = {**GENERIC, **paper, **spec, "task_type": task_type, "n_bins": n_bins}
-    if spec["family"] == "twostage":
-        out["batch_size"] = 1  # full bags of different lengths (paper B.3)
+def _set_path(spec: dict[str, Any], path: str, value: Any) -> None:
+    node = spec
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"sweep key {path!r}: {key!r} is not a mapping")
+    node[leaf] = copy.deepcopy(value)
+
+
+def expand_sweep(sweep: str, spec: dict[str, Any], methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The methods of one ablation grid: the base method with every combination of the grid's
+    values, named ``{sweep}.{key}-{value}...`` (the last part of each dotted key)."""
+    base = spec["base"]
+    if base not in methods:
+        raise ConfigError(f"config sweeps.{sweep}: base method {base!r} is not a method of e2e or twostage")
+    keys = list(spec["grid"])
+    out = {}
+    for values in itertools.product(*(spec["grid"][k] for k in keys)):
+        method = copy.deepcopy(methods[base])
+        parts = [sweep]
+        for key, value in zip(keys, values):
+            _set_path(method, key, value)
+            parts.append(f"{key.split('.')[-1]}-{_value_name(value)}")
+        name = ".".join(parts)
+        out[name] = {**method, "name": name, "sweep": sweep}
     return out
+
+
+def _check(name: str, spec: dict[str, Any]) -> None:
+    sampling = spec.get("sampling")
+    if sampling is not None:
+        if len(sampling["magnifications"]) != len(sampling["ratios"]):
+            raise ConfigError(f"config method {name!r}: sampling.magnifications and sampling.ratios must have "
+                              "the same length")
+        if abs(sum(sampling["ratios"]) - 1.0) > 1e-6:
+            raise ConfigError(f"config method {name!r}: sampling.ratios must sum to 1 (the paper's eq. 2), got "
+                              f"{sum(sampling['ratios']):g}")
+        if min(scale_counts(spec["n_instances"], sampling["ratios"])) < 1:
+            raise ConfigError(f"config method {name!r}: n_instances {spec['n_instances']} leaves a magnification "
+                              f"of {sampling['magnifications']} with no patch; raise n_instances or its ratio")
+    if spec["task_type"] == "survival" and spec["oversample"] is not None:
+        raise ConfigError("config: oversample is for classification and grading tasks (survival has no classes "
+                          "to balance); remove it from the survival task")
+    if spec["select_on"] not in METRICS[spec["task_type"]]:
+        raise ConfigError(f"config: select_on {spec['select_on']!r} is not a {spec['task_type']} metric "
+                          f"({', '.join(METRICS[spec['task_type']])})")
+
+
+def resolve_method(own: dict[str, Any], task: dict[str, Any], twostage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One method's hyper-parameters for one task. `own` is the declared method (its keys over its
+    family's defaults, with `family` and `name`); `task` the task's config (`type`, `n_bins`, and
+    optionally `bag`, `select_on`, `oversample`); `twostage` the config's `twostage` section (encoder, weights,
+    magnification) for two-stage methods."""
+    task_type = task["type"]
+    task_keys = {**TASK_DEFAULTS[task_type], **{k: task[k] for k in TASK_KEYS if k in task},
+                 "task_type": task_type}
+    if task_type == "survival":  # only survival has time bins; other tasks' jobs do not depend on them
+        task_keys["n_bins"] = task["n_bins"]  # the schema's default fills it in
+    name, family = own["name"], own["family"]
+    if family == "e2e":
+        recipe, kw = E2E_RECIPE[task_type], E2E_AGGREGATOR_KW[task_type]
+        by_encoder = E2E_ENCODER_RECIPE[task_type].get(own.get("encoder"), {})
+    else:
+        if twostage is None:
+            raise ConfigError(f"method {name!r}: a two-stage method needs the config's twostage section")
+        recipe, kw, by_encoder = TWOSTAGE_RECIPE[task_type], TWOSTAGE_AGGREGATOR_KW[task_type], {}
+        own = {**own, **{k: twostage[k] for k in ("encoder", "weights")},
+               "eval_magnification": twostage["magnification"]}
+    agg_kw = {**kw.get("*", {}), **kw.get(own["aggregator"], {})}
+    spec = _merge(GENERIC, recipe, {"aggregator_kw": agg_kw}, by_encoder, own, task_keys)
+    if family == "twostage":
+        spec.update(TWOSTAGE_FIXED)
+    elif "eval_magnification" not in own:
+        spec["eval_magnification"] = spec["sampling"]["magnifications"][0]  # the main scale
+    spec.pop("sweep", None)
+    _check(name, spec)
+    return spec
+
+
+def resolve(config: dict) -> dict[str, dict[str, dict[str, Any]]]:
+    """task → method → the hyper-parameters its training jobs receive."""
+    methods = declared_methods(config)
+    return {task: {name: resolve_method(own, tcfg, config["twostage"]) for name, own in methods.items()}
+            for task, tcfg in config["tasks"].items()}
 
 
 def magnifications_used(spec: dict[str, Any]) -> list[int]:
     """Magnifications a method reads: its sampling scales plus the evaluation one."""
-    mags = set(spec.get("sampling", GENERIC["sampling"])["magnifications"]) if spec["family"] == "e2e" else set()
-    mags.add(spec.get("eval_magnification", GENERIC["eval_magnification"]))
+    mags = set(spec["sampling"]["magnifications"]) if spec.get("sampling") else set()
+    mags.add(spec["eval_magnification"])
     return sorted(mags)
+
+
+def load_config(path: str | Path) -> dict:
+    """A config file validated against the schema, defaults filled in, as the workflow sees it."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load(Path(path).read_text())
+    validate(config, Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml")
+    return config
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m e2epath methods --config FILE [--task T] [--method M]`: the resolved
+    hyper-parameters of every task × method, as the training jobs receive them (JSON)."""
+    ap = argparse.ArgumentParser(prog="e2epath methods", description=cli.__doc__)
+    ap.add_argument("--config", required=True, type=Path)
+    ap.add_argument("--task", default=None, help="only this task")
+    ap.add_argument("--method", default=None, help="only this method")
+    a = ap.parse_args(argv)
+    try:
+        resolved = resolve(load_config(a.config))
+    except (ConfigError, OSError) as err:
+        print(f"{a.config}: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - snakemake's schema error: say it without a traceback
+        print(f"{a.config}: {err}", file=sys.stderr)
+        return 2
+    out = {t: {m: s for m, s in ms.items() if a.method in (None, m)} for t, ms in resolved.items()
+           if a.task in (None, t)}
+    print(json.dumps(out, indent=1, sort_keys=True))
+    return 0

@@ -259,7 +259,7 @@ def class_order(names) -> list[str]:
         return sorted(names)
 
 
-def _label_names(labels: pd.Series, classes: list[str], case_ids: np.ndarray) -> np.ndarray:
+def _label_names(labels: pd.Series, classes: list[str], case_ids: np.ndarray, unit: str = "case") -> np.ndarray:
     """Map the label column to class names; tolerate 1 vs "1" vs 1.0 from dtype guessing."""
     known = set(classes)
     numeric = {}
@@ -275,29 +275,52 @@ def _label_names(labels: pd.Series, classes: list[str], case_ids: np.ndarray) ->
             try:
                 name = numeric[float(value)]
             except (ValueError, TypeError, KeyError):
-                raise ValueError(f"case {case}: label {value!r} has no prob_<class> column "
+                raise ValueError(f"{unit} {case}: label {value!r} has no prob_<class> column "
                                  f"(classes {classes}); check the label table and the predictions") from None
         out.append(name)
     return np.array(out, dtype=object)
 
 
-def _finite(df: pd.DataFrame, cols: list[str], case_ids: np.ndarray) -> np.ndarray:
+def _finite(df: pd.DataFrame, cols: list[str], ids: np.ndarray, unit: str) -> np.ndarray:
     values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     bad = ~np.isfinite(values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise ValueError(f"case {case_ids[r]}: {cols[c]} = {df[cols[c]].iloc[r]!r} is not a finite "
+        raise ValueError(f"{unit} {ids[r]}: {cols[c]} = {df[cols[c]].iloc[r]!r} is not a finite "
                          "number; fix the predictions file")
     return values
 
 
+def unit_of(df: pd.DataFrame) -> str:
+    """What a predictions table's rows are: slides (it has a `slide_id` column) or cases."""
+    return "slide" if "slide_id" in df.columns else "case"
+
+
+def case_level(task_type: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Slide predictions → one row per case: the mean of its slides' probabilities (classes) or
+    risks (survival); label, time, event and any `fold` column are the case's. Case rows pass."""
+    if unit_of(df) == "case":
+        return df
+    df = df.assign(case_id=df["case_id"].astype(str))
+    scores = [c for c in df.columns if c.startswith("prob_")] if task_type != "survival" else ["risk"]
+    keep = [c for c in ("label", "time", "event", "fold") if c in df.columns]
+    grouped = df.groupby("case_id", sort=True)
+    out = grouped[scores].mean()
+    for col in keep:
+        if (grouped[col].nunique(dropna=False) > 1).any():
+            case = grouped[col].nunique(dropna=False).idxmax()
+            raise ValueError(f"case {case}: its slides disagree on {col}; a case has one {col}")
+        out[col] = grouped[col].first()
+    return out.reset_index()[["case_id", *keep, *scores]]
+
+
 @dataclass(frozen=True)
 class Cases:
-    """One prediction table, validated, encoded and sorted by case_id (so that every method on
-    the same cases sees the same bootstrap resamples)."""
+    """One prediction table — one row per slide or per case (``unit``) — validated, encoded and
+    sorted by id (so that every method on the same units sees the same bootstrap resamples)."""
 
     task_type: str
-    case_id: np.ndarray
+    ids: np.ndarray
     classes: tuple[str, ...] = ()
     y: np.ndarray | None = None      # class codes (n,)
     prob: np.ndarray | None = None   # (n, K), columns in `classes` order
@@ -305,10 +328,11 @@ class Cases:
     event: np.ndarray | None = None  # bool
     risk: np.ndarray | None = None
     strata: np.ndarray | None = None  # AUC and C-index compare pairs only within a stratum (test fold)
+    unit: str = "case"
 
     @property
     def n(self) -> int:
-        return int(self.case_id.size)
+        return int(self.ids.size)
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -335,36 +359,39 @@ class Cases:
 
 
 def prepare(task_type: str, df: pd.DataFrame, strata: str | None = None) -> Cases:
-    """Validate a predictions table and encode it; errors name the case and the column.
+    """Validate a predictions table and encode it; errors name the slide or case and the column.
+    Rows are slides when the table has a `slide_id` column, else cases (`unit_of`).
     ``strata``: a column (the test fold of pooled folds) within which AUC and C-index compare cases."""
     _check_task_type(task_type)
     if "case_id" not in df.columns:
         raise ValueError("predictions have no case_id column (see docs/contracts.md predictions.tsv)")
-    df = df.assign(case_id=df["case_id"].astype(str)).sort_values("case_id", kind="stable")
-    case_id = df["case_id"].to_numpy()
-    dup = df["case_id"][df["case_id"].duplicated()]
+    unit = unit_of(df)
+    key = f"{unit}_id"
+    df = df.assign(**{key: df[key].astype(str)}).sort_values(key, kind="stable")
+    case_id = df[key].to_numpy()
+    dup = df[key][df[key].duplicated()]
     if len(dup):
-        raise ValueError(f"case {dup.iloc[0]} appears more than once in the predictions; "
-                         "each case must be a test case once (one row per case)")
+        raise ValueError(f"{unit} {dup.iloc[0]} appears more than once in the predictions; "
+                         f"each {unit} must be a test {unit} once (one row per {unit})")
     codes = None if strata is None else pd.factorize(df[strata])[0]
     if task_type == "survival":
         missing = [c for c in ("time", "event", "risk") if c not in df.columns]
         if missing:
             raise ValueError(f"survival predictions lack column(s) {missing}; need case_id, time, event, risk")
-        values = _finite(df, ["time", "event", "risk"], case_id)
+        values = _finite(df, ["time", "event", "risk"], case_id, unit)
         bad = ~np.isin(values[:, 1], (0.0, 1.0))
         if bad.any():
-            raise ValueError(f"case {case_id[np.argmax(bad)]}: event must be 0 or 1")
+            raise ValueError(f"{unit} {case_id[np.argmax(bad)]}: event must be 0 or 1")
         return Cases(task_type, case_id, time=values[:, 0], event=values[:, 1].astype(bool), risk=values[:, 2],
-                     strata=codes)
+                     strata=codes, unit=unit)
     prob_cols = {c[len("prob_"):]: c for c in df.columns if c.startswith("prob_")}
     if "label" not in df.columns or len(prob_cols) < 2:
         raise ValueError(f"{task_type} predictions need a label column and prob_<class> columns for "
                          f"at least two classes; got columns {list(df.columns)}")
     classes = class_order(prob_cols)
-    prob = _finite(df, [prob_cols[c] for c in classes], case_id)
-    y = _encode(_label_names(df["label"], classes, case_id), np.array(classes, dtype=object))
-    return Cases(task_type, case_id, tuple(classes), y=y, prob=prob, strata=codes)
+    prob = _finite(df, [prob_cols[c] for c in classes], case_id, unit)
+    y = _encode(_label_names(df["label"], classes, case_id, unit), np.array(classes, dtype=object))
+    return Cases(task_type, case_id, tuple(classes), y=y, prob=prob, strata=codes, unit=unit)
 
 
 def task_metrics(task_type: str, df: pd.DataFrame) -> dict[str, float]:

@@ -108,8 +108,12 @@ def make_splits(labels: pd.DataFrame, task_type: str, mode: str, k: int, val_fra
         raise SplitError(f"unknown split mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "kfold" and k < 2:
         raise SplitError(f"splits.k = {k}: k-fold needs at least 2 folds (or use the holdout mode)")
-    if not 0 <= val_fraction < 1:
-        raise SplitError(f"splits.val_fraction = {val_fraction} must be in [0, 1)")
+    if mode == "kfold" and not 0 < val_fraction < 1:
+        raise SplitError(f"splits.val_fraction = {val_fraction} must be in (0, 1): model selection needs a "
+                         "validation subset (it never looks at the test one)")
+    if mode == "holdout" and (len(holdout_fractions) != 3 or min(holdout_fractions) <= 0):
+        raise SplitError(f"splits.holdout = {holdout_fractions} must be three fractions above 0 (train, "
+                         "validation, test): model selection needs a validation subset")
     labels = labels.sort_values("case_id").reset_index(drop=True)  # order-independent result
     if mode == "kfold":
         return kfold(labels, task_type, k, val_fraction, seed)

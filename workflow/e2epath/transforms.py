@@ -3,9 +3,10 @@
 Training, evaluation of a full bag and two-stage feature extraction all call
 :func:`resized_crops`: crop a box out of each uint8 patch [N, H, W, 3], flip it, resize it to the
 encoder's input size (bilinear) and normalise it with ImageNet RGB statistics, in one batched
-`grid_sample` on the device the model runs on. Training draws RandomResizedCrop boxes with flips
-(:func:`crop_boxes`, geometric augmentation only); evaluation and features use whole, unflipped
-patches (:func:`full_boxes`, via :func:`model_inputs`), so a patch gives the same tensor in every stage.
+`grid_sample` on the device the model runs on. Training draws RandomResizedCrop boxes with optional
+flips and shifts (:func:`crop_boxes`, geometric augmentation only); evaluation takes the centre crop
+of the input size or the whole patch (:func:`eval_boxes`), features the whole patch
+(:func:`model_inputs`), so a patch gives the same tensor wherever it is evaluated.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# RandomResizedCrop: the crop's share of the patch area and its aspect ratio.
-CROP_AREA = (0.5, 1.0)
+# RandomResizedCrop's aspect ratio range (torchvision's); its area range is the recipe's crop_scale.
 CROP_ASPECT = (3 / 4, 4 / 3)
 
 
@@ -33,27 +33,48 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return y.movedim(-1, -3)
 
 
-def crop_boxes(n: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` RandomResizedCrop boxes (area 0.5–1, aspect 3/4–4/3) with flips:
-    float32 [n, 6] = x0, y0, width, height, flip_x, flip_y (pixels of an h × w patch)."""
-    area = h * w * rng.uniform(*CROP_AREA, n)
+def crop_boxes(n: int, h: int, w: int, rng: np.random.Generator, *, hflip: bool, vflip: bool,
+               crop_scale: float, translate: float) -> np.ndarray:
+    """``n`` RandomResizedCrop boxes (area ``crop_scale``–1 of the patch, aspect 3/4–4/3), with
+    random flips where ``hflip`` / ``vflip`` and a random shift of the content by up to
+    ``translate`` of the patch side (the box then reaches past the patch: black fill, see
+    :func:`resized_crops`): float32 [n, 6] = x0, y0, width, height, flip_x, flip_y (pixels of an
+    h × w patch). The same numbers are drawn whatever is switched off, so switching one part off
+    leaves the others' draws as they were."""
+    area = h * w * rng.uniform(crop_scale, 1.0, n)
     aspect = np.exp(rng.uniform(math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1]), n))
     cw = np.minimum(w, np.round(np.sqrt(area * aspect)))
     ch = np.minimum(h, np.round(np.sqrt(area / aspect)))
     x0 = np.floor(rng.random(n) * (w - cw + 1))
     y0 = np.floor(rng.random(n) * (h - ch + 1))
-    flips = rng.random((n, 2)) < 0.5
+    flips = (rng.random((n, 2)) < 0.5) & np.array([hflip, vflip])
+    if translate > 0:  # the content moves by (tx, ty): the box, in the patch's own pixels, by minus that
+        x0 -= np.round(rng.uniform(-translate, translate, n) * w)
+        y0 -= np.round(rng.uniform(-translate, translate, n) * h)
     return np.column_stack([x0, y0, cw, ch, flips]).astype(np.float32)
 
 
 def full_boxes(n: int, h: int, w: int) -> torch.Tensor:
-    """Boxes that keep whole patches, unflipped (evaluation, features)."""
+    """Boxes that keep whole patches, unflipped (features, `eval_crop: whole`)."""
     return torch.tensor([[0, 0, w, h, 0, 0]], dtype=torch.float32).repeat(n, 1)
 
 
-def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def eval_boxes(n: int, h: int, w: int, size: int, crop: str) -> torch.Tensor:
+    """Evaluation boxes: the centre ``size`` × ``size`` crop of each patch (`center`, torchvision's
+    CenterCrop; the whole patch when it is not larger), or the whole patch (`whole`)."""
+    if crop == "whole" or (h <= size and w <= size):
+        return full_boxes(n, h, w)
+    if crop != "center":
+        raise ValueError(f"eval_crop {crop!r} is not center or whole")
+    cw, ch = min(size, w), min(size, h)
+    return torch.tensor([[(w - cw) // 2, (h - ch) // 2, cw, ch, 0, 0]], dtype=torch.float32).repeat(n, 1)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "border") -> torch.Tensor:
     """Crop ``boxes`` out of uint8 patches [N, H, W, 3], flip, resize to ``size`` (bilinear) and
-    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag."""
+    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag.
+    Where a box reaches past its patch, ``fill`` `border` repeats the edge, `black` fills black
+    (a shifted patch, as an affine translation of the image would)."""
     n, h, w = x.shape[:3]
     if n == 0:
         return torch.zeros(0, 3, size, size, device=x.device)
@@ -64,9 +85,14 @@ def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
     theta = torch.stack([torch.stack([sx, zero, (2 * b[:, 0] + b[:, 2]) / w - 1], -1),
                          torch.stack([zero, sy, (2 * b[:, 1] + b[:, 3]) / h - 1], -1)], 1)
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    if fill == "black":  # sample the pixels (zero outside = black), then normalise
+        raw = F.grid_sample(x.float().movedim(-1, -3), grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)
+        return normalize(raw.movedim(-3, -1))
     return F.grid_sample(normalize(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def model_inputs(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Whole uint8 patches [N, H, W, 3] → normalised float [N, 3, size, size] on x's device."""
-    return resized_crops(x, full_boxes(len(x), *x.shape[1:3]), size)
+def model_inputs(x: torch.Tensor, size: int, crop: str) -> torch.Tensor:
+    """uint8 patches [N, H, W, 3] → normalised float [N, 3, size, size] on x's device: the whole
+    patch resized (features), or its centre crop (`crop="center"`, E2E evaluation)."""
+    return resized_crops(x, eval_boxes(len(x), *x.shape[1:3], size, crop), size)

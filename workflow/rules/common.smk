@@ -11,7 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from e2epath import layout, shards, sheets  # noqa: E402
 from e2epath.devices import candidate_devices  # noqa: E402
-from e2epath.methods import magnifications_used, resolve_methods, with_task_defaults  # noqa: E402
+from e2epath.methods import ConfigError, magnifications_used, resolve  # noqa: E402
 from e2epath.vocabulary import ENCODERS, FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -34,14 +34,17 @@ SLIDES = list(SAMPLES.index)
 TASKS = config["tasks"]
 MAGS = config["preprocess"]["magnifications"]
 try:
-    METHODS = resolve_methods(config)
-except ValueError as err:
+    RESOLVED = resolve(config)  # task → method → the hyper-parameters its jobs receive (e2epath.methods)
+except ConfigError as err:
     raise WorkflowError(str(err))
-for name, spec in METHODS.items():
-    missing = sorted(set(magnifications_used(spec)) - set(MAGS))
-    if missing:
-        raise WorkflowError(f"config: method {name!r} reads {missing}x patches but "
-                            f"preprocess.magnifications is {MAGS}; add them there")
+FAMILY = {name: spec["family"] for specs in RESOLVED.values() for name, spec in specs.items()}
+for task, specs in RESOLVED.items():
+    for name, spec in specs.items():
+        missing = sorted(set(magnifications_used(spec)) - set(MAGS))
+        if missing:
+            raise WorkflowError(f"config: method {name!r} reads {missing}x patches for task {task!r} (its sampling "
+                                f"and evaluation magnifications) but preprocess.magnifications is {MAGS}; add "
+                                "them there, or set the method's sampling")
 # GPU rules ask for one `gpu` where this machine has GPUs. On a CPU-only machine they ask for none,
 # so `--resources gpu=1` does not make CPU training run one job at a time. The SLURM profile sets
 # gpu: 1 for these rules itself (its submit host may have no GPU).
@@ -94,8 +97,7 @@ def case_of(wildcards):
 
 
 def method_spec(wildcards):
-    task = TASKS[wildcards.task]
-    return with_task_defaults(METHODS[wildcards.method], task["type"], task["n_bins"])
+    return RESOLVED[wildcards.task][wildcards.method]
 
 
 def method_json(wildcards):
@@ -162,7 +164,20 @@ def fallback_mags(wildcards):
 
 def run_files(task, name):
     """File ``name`` (e2epath.layout.RUN_FILES) of every training run of ``task``."""
-    return [layout.run_file(name, METHODS[m]["family"], task, m, k) for m in METHODS for k in folds()]
+    return [layout.run_file(name, FAMILY[m], task, m, k) for m in RESOLVED[task] for k in folds()]
+
+
+def weights_input(weights, encoder):
+    """What an encoder's weights make a job depend on: the imagenet_weights job, a weights file
+    (a new file reruns the job), or nothing (random initialisation)."""
+    if weights == "imagenet":
+        return [layout.IMAGENET_WEIGHTS.format(encoder=encoder)]
+    return [] if weights is None else [weights]
+
+
+def method_weights(wildcards):
+    spec = method_spec(wildcards)
+    return weights_input(spec["weights"], spec["encoder"]) if spec["family"] == "e2e" else []
 
 
 def all_outputs():

@@ -8,6 +8,7 @@ rule train_e2e:
         labels=lambda w: TASKS[w.task]["labels"],
         slides=layout.QC_TABLE,
         rows=method_rows,
+        pretrained=method_weights,  # the imagenet_weights record, or the weights file
     output:
         model=layout.run_file("model", family="e2e"),
         history=layout.run_file("history", family="e2e"),

@@ -10,13 +10,14 @@ if not SHARDS:
     rule extract_features:
         input:
             rows=lambda w: expand(layout.PATCH_ROW, mag=fallback_mags(w), slide=w.slide),
+            pretrained=lambda w: weights_input(TS["weights"], w.encoder),
         output:
             out=layout.FEATURES,
         params:
             step="extract_features",
             encoder="{encoder}",
             magnification="{mag}",
-            weights=str(TS["weights"]),  # "None" = random init; see e2epath.models.build_encoder
+            weights=str(TS["weights"]),  # imagenet, a file, or "None" (random init): e2epath.models.build_encoder
             input_size=TS["input_size"],
             batch_size=TS["batch_size"],
             seed=config["seed"],
@@ -41,6 +42,7 @@ else:
     rule extract_features_shard:
         input:
             rows=lambda w: expand(layout.SHARD_TABLES["patch"], mag=fallback_mags(w), shard=w.shard),
+            pretrained=lambda w: weights_input(TS["weights"], w.encoder),
         output:
             out=layout.SHARD_TABLES["features"],
         params:

@@ -106,9 +106,9 @@ def paired_bootstrap(cases: Cases, reference: Cases, n_boot: int, seed: int,
     """Difference `cases − reference` on the same resampled cases. Two-sided bootstrap p-value
     2·min(P(d ≤ 0), P(d ≥ 0)) capped at 1, each tail counted as (k + 1) / (B + 1) so that a
     finite bootstrap never claims p = 0 (the smallest p of 1000 resamples is ≈ 0.002)."""
-    if not np.array_equal(cases.case_id, reference.case_id):
-        raise ValueError(f"{what}: paired bootstrap needs the same cases for both methods; "
-                         "restrict both tables to their common case_ids first")
+    if cases.unit != reference.unit or not np.array_equal(cases.ids, reference.ids):
+        raise ValueError(f"{what}: paired bootstrap needs the same {cases.unit}s for both methods; "
+                         "restrict both tables to their common ids first")
     folds = [np.full(c.n, -1) if c.strata is None else c.strata for c in (cases, reference)]
     if not np.array_equal(*folds):
         raise ValueError(f"{what}: the two methods put the same cases in different test folds")

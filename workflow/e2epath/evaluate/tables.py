@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..io import write_bytes
 from ..vocabulary import METRIC_LABELS
+from .evaluation import primary_unit
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,12 @@ def tex_escape(text: str) -> str:
 
 
 def pooled_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Pooled rows → (family, method) × metric frame of (mean, ci_low, ci_high) tuples."""
-    missing = {"method", "family", "fold", "metric", "mean", "ci_low", "ci_high"} - set(metrics.columns)
+    """Pooled rows of the models' unit (slides or cases) → (family, method) × metric frame of
+    (mean, ci_low, ci_high) tuples."""
+    missing = {"method", "family", "unit", "fold", "metric", "mean", "ci_low", "ci_high"} - set(metrics.columns)
     if missing:
         raise ValueError(f"metrics table lacks column(s) {sorted(missing)}; produce it with `e2epath evaluate`")
-    pooled = metrics[metrics["fold"].astype(str) == "pooled"]
+    pooled = metrics[(metrics["fold"].astype(str) == "pooled") & (metrics["unit"] == primary_unit(metrics))]
     if pooled.empty:
         raise ValueError("metrics table has no pooled rows; produce it with `e2epath evaluate`")
     order = [m for m in METRIC_LABELS if m in set(pooled["metric"])]
@@ -130,7 +132,8 @@ def cli(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         logger.error("%s: %s", args.metrics, err)
         return 2
-    caption = args.caption or f"{task}: pooled test results, bootstrap mean [95% CI] ×100; best in bold."
+    unit = primary_unit(pd.read_csv(args.metrics, sep="\t", usecols=["unit"]))
+    caption = args.caption or f"{task}: pooled test results per {unit}, bootstrap mean [95% CI] ×100; best in bold."
     _write_text(to_markdown(table, args.decimals), args.md_out)
     _write_text(to_latex(table, args.decimals, caption, f"tab:{task}"), args.tex_out)
     logger.info("task %s: table of %d methods × %d metrics → %s, %s", task, len(table),

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from e2epath.evaluate.evaluation import COLUMNS, primary_unit
 from e2epath.figures.common import FigureSkipped
 from e2epath.vocabulary import FAMILIES, FAMILY_LABELS, METRIC_LABELS
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("method", "family", "fold", "metric", "point", "mean", "ci_low", "ci_high", "n_cases")
 ROW_IN = 0.35
 
 
@@ -27,7 +27,8 @@ def read_metrics(path) -> pd.DataFrame:
 
 
 def forest_rows(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Pooled rows of ``metric``, E2E first then two-stage, each in table order."""
+    """Pooled rows of ``metric`` for the models' unit, E2E first then two-stage, each in table order."""
+    metrics = metrics[metrics["unit"] == primary_unit(metrics)]
     pooled = metrics[(metrics["metric"] == metric) & (metrics["fold"].astype(str) == "pooled")]
     if pooled.empty:
         raise FigureSkipped(f"the metrics table has no pooled {metric!r} rows")
@@ -38,7 +39,9 @@ def forest_rows(metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def plot_forest(metrics: pd.DataFrame, metric: str, title: str = "") -> Figure:
     rows = forest_rows(metrics, metric)
-    per_fold = metrics[(metrics["metric"] == metric) & (metrics["fold"].astype(str) != "pooled")]
+    unit = primary_unit(metrics)
+    per_fold = metrics[(metrics["metric"] == metric) & (metrics["fold"].astype(str) != "pooled")
+                       & (metrics["unit"] == unit)]
     # y positions from the top, with a header line per family
     labels, ys, heads, y = [], [], [], 0
     for family, group in rows.groupby("family", sort=False):
@@ -63,13 +66,13 @@ def plot_forest(metrics: pd.DataFrame, metric: str, title: str = "") -> Figure:
     ax.set_ylim(y - 0.5, -0.7)
     right = ax.twinx()  # the numbers as right-hand tick labels, so the layout makes room for them
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(ys, [f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  n={int(r['n_cases'])}"
+    right.set_yticks(ys, [f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  n={int(r['n'])}"
                           for r in (rows.loc[i] for i in labels)], fontsize=8)
     right.tick_params(length=0)
     if metric in ("auc", "c_index"):
         ax.axvline(0.5, color="grey", ls=":", lw=1)  # chance level
     if metric == "qwk":
         ax.axvline(0.0, color="grey", ls=":", lw=1)
-    ax.set_xlabel(f"{METRIC_LABELS[metric]} — pooled bootstrap mean, 95 % CI (grey: folds)")
+    ax.set_xlabel(f"{METRIC_LABELS[metric]} per {unit} — pooled bootstrap mean, 95 % CI (grey: folds)")
     ax.set_title(title or "Methods compared")
     return fig

@@ -16,8 +16,10 @@ a plain `scaled_dot_product_attention` call with a one-wide value falls back to 
 (N = 10^5 would ask for 320 GB). See `propagate_attention`.
 
 Where the public implementation (DearCaat/E2E-WSI-ABMILX, `DAttentionX`) and the text differ we
-follow the code: no bias in any linear layer (B.3), bias-free MLP in the local attention, FFN
-before the final LayerNorm, xavier-normal init of linear weights. One deliberate departure: the
+follow the code: no bias in the instance embedding, projection and classifier (B.3); the local
+attention MLP bias-free unless `attn_bias` (the authors' survival config sets it); the FFN with
+biases (`ffn_bias`, as their `Mlp`) before the final LayerNorm; xavier-normal init of linear
+weights, zero biases. One deliberate departure: the
 public code realises α as a 1 × 1 linear layer with xavier-normal init, i.e. α ~ N(0, 1), which
 can start negative (propagation *against* similarity). We initialise α = `alpha_init` (0.5), half
 way between the paper's ablation points α = 0 (MHLA only) and α = 1, and let it learn.
@@ -58,15 +60,16 @@ def propagate_attention(q: Tensor, k: Tensor, value: Tensor, mask: Tensor | None
 class LocalAttention(nn.Module):
     """Attention logits of each head from its own channels: Linear → GELU → Linear(·, 1).
 
-    One MLP shared by all heads (paper: "input into a shared MLP"), bias-free as in the public code.
+    One MLP shared by all heads (paper: "input into a shared MLP"); biases only with ``bias``
+    (the public code's `abx_attn_bias`).
     """
 
-    def __init__(self, head_dim: int, hidden_dim: int | None = None) -> None:
+    def __init__(self, head_dim: int, hidden_dim: int | None = None, bias: bool = False) -> None:
         super().__init__()
         hidden_dim = hidden_dim or head_dim
-        self.fc1 = nn.Linear(head_dim, hidden_dim, bias=False)
+        self.fc1 = nn.Linear(head_dim, hidden_dim, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, 1, bias=False)
+        self.fc2 = nn.Linear(hidden_dim, 1, bias=bias)
 
     def forward(self, h: Tensor) -> Tensor:
         """h: `[B, H, N, d_h]` → logits `[B, H, N]`."""
@@ -91,13 +94,14 @@ class AttentionPlus(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """x + MLP(x) on the slide feature (paper C.4 uses it for grading)."""
+    """x + MLP(x) on the slide feature (paper C.4 uses it for grading); with biases by default,
+    as the public code's `Mlp`."""
 
-    def __init__(self, dim: int, expansion: int = 4) -> None:
+    def __init__(self, dim: int, expansion: int = 4, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim * expansion, bias=False)
+        self.fc1 = nn.Linear(dim, dim * expansion, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim * expansion, dim, bias=False)
+        self.fc2 = nn.Linear(dim * expansion, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.fc2(self.act(self.fc1(x)))
@@ -111,8 +115,8 @@ class ABMILX(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_classes: int, inner_dim: int = 256, n_heads: int = 8,
-                 dropout: float = 0.25, attn_plus: bool = True, ffn: bool = False,
-                 alpha_init: float = 0.5, chunk_size: int = 2048) -> None:
+                 dropout: float = 0.25, attn_plus: bool = True, ffn: bool = False, ffn_bias: bool = True,
+                 attn_bias: bool = False, alpha_init: float = 0.5, chunk_size: int = 2048) -> None:
         super().__init__()
         if inner_dim % n_heads:
             raise ValueError(f"ABMILX: inner_dim {inner_dim} is not divisible by n_heads {n_heads}")
@@ -120,19 +124,21 @@ class ABMILX(nn.Module):
         self.n_heads = n_heads
         self.head_dim = inner_dim // n_heads
         self.embed = InstanceEmbedding(in_dim, inner_dim, dropout)
-        self.attention = LocalAttention(self.head_dim)
+        self.attention = LocalAttention(self.head_dim, bias=attn_bias)
         self.attention_plus = AttentionPlus(self.head_dim, alpha_init, chunk_size) if attn_plus else None
         self.proj = nn.Linear(inner_dim, inner_dim, bias=False)
-        self.ffn = FeedForward(inner_dim) if ffn else None
+        self.ffn = FeedForward(inner_dim, bias=ffn_bias) if ffn else None
         self.norm = nn.LayerNorm(inner_dim, bias=False)
         self.classifier = nn.Linear(inner_dim, n_classes, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-normal linear weights, as the public implementation."""
+        """Xavier-normal linear weights and zero biases, as the public implementation."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_attention: bool = False):
         x = check_bag(x, mask, self.in_dim, "ABMILX")

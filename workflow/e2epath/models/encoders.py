@@ -8,13 +8,17 @@ features. Parameter names are torchvision's
 (`conv1`, `bn1`, `layer1`..`layer3`), so a torchvision state dict loads after dropping
 `layer4.*` and `fc.*`.
 
-Weights are never downloaded (compute nodes are often offline and a silent download hides which
-weights a result used):
+The weights policy (`weights:` of a method, E2E and two-stage alike); never a silent random init:
 
-- `None`: random init (logged as a warning);
-- `"imagenet"`: torchvision's ImageNet checkpoint from the torch hub cache, else a clear error;
-- `"auto"`: ImageNet when the cache has it, else random init (logged);
-- any other string: a local state-dict file.
+- `"imagenet"` (the default): torchvision's ImageNet checkpoint from the torch hub cache
+  (`$TORCH_HOME`, default ~/.cache/torch). The workflow's `imagenet_weights` job puts it there once
+  before any training job starts — from the cache, or with torchvision's own download where the
+  machine (on a cluster: the submit host) is online — and fails with the cache path and the
+  alternatives when it can be had neither way (`fetch_imagenet`). Training and feature jobs never
+  download (compute nodes are often offline): a missing checkpoint is an error naming the path.
+- any other string: a local state-dict file (a full torchvision ResNet or the trunk);
+- `None`: random initialisation, said in the log;
+- `"auto"` is refused (it used to fall back to random init without a word).
 """
 from __future__ import annotations
 
@@ -71,11 +75,94 @@ def find_imagenet_checkpoint(arch: str) -> Path | None:
     return next((p for p in imagenet_checkpoint_paths(arch) if p.is_file()), None)
 
 
+def _missing_imagenet(arch: str, why: str) -> str:
+    tried = ", ".join(str(p) for p in imagenet_checkpoint_paths(arch))
+    return (f"ImageNet weights for {arch} are not in the torch cache ({tried}) and {why}. Copy torchvision's "
+            f"checkpoint there (or point TORCH_HOME at a cache holding it), give the file itself as "
+            f"`weights: <file>`, or train from scratch with `weights: null`")
+
+
+def fetch_imagenet(arch: str) -> Path:
+    """The cached ImageNet checkpoint of ``arch``, downloaded first with torchvision's own download
+    (into the torch hub cache) when it is not there; a FileNotFoundError saying where it was looked
+    for and what to do when it can be had neither way."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown encoder {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    found = find_imagenet_checkpoint(arch)
+    if found is not None:
+        logger.info("encoder %s: ImageNet weights in the torch cache: %s", arch, found)
+        return found
+    enum, member = ARCHITECTURES[arch][1][0].split(".")
+    weights = getattr(getattr(torchvision.models, enum), member)
+    logger.info("encoder %s: downloading torchvision's ImageNet weights %s into %s", arch, weights.url,
+                imagenet_checkpoint_paths(arch)[0].parent)
+    try:
+        weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - offline, proxy, disk: say what to do instead
+        raise FileNotFoundError(_missing_imagenet(arch, f"could not be downloaded ({type(err).__name__}: {err})")) \
+            from err
+    found = find_imagenet_checkpoint(arch)
+    if found is None:
+        raise FileNotFoundError(_missing_imagenet(arch, "torchvision's download did not leave it there"))
+    return found
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(weights: str | None, pretrained: list[Path]) -> dict:
+    """What an encoder's weights were, for the files a job writes: the source, and for a
+    checkpoint its path and sha256 — from the imagenet_weights record or the weights file the
+    workflow hands the job (``pretrained``), else from the cache / the configured file itself."""
+    if weights is None:
+        return {"weights": None}
+    if weights == "imagenet":
+        if pretrained:
+            import json
+
+            rec = json.loads(Path(pretrained[0]).read_text())
+            return {"weights": "imagenet", "path": rec["path"], "sha256": rec["sha256"]}
+        raise ValueError("weights: imagenet needs the imagenet_weights record (--pretrained RECORD.json, written "
+                         "by `python -m e2epath imagenet_weights`)")
+    source = Path(pretrained[0]) if pretrained else Path(weights).expanduser()
+    return {"weights": str(weights), "path": str(source.resolve()), "sha256": file_sha256(source)}
+
+
+def cli_fetch(argv: list[str] | None = None) -> int:
+    """`python -m e2epath imagenet_weights --encoder resnet50 --out RECORD.json`: torchvision's
+    ImageNet checkpoint in the torch cache (downloaded there if needed and possible), recorded as
+    {encoder, path, sha256}; exit 1 with what to do when it can be had neither way."""
+    import argparse
+
+    from ..io import write_json
+
+    ap = argparse.ArgumentParser(prog="e2epath imagenet_weights", description=cli_fetch.__doc__)
+    ap.add_argument("--encoder", required=True, choices=sorted(ARCHITECTURES))
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    try:
+        path = fetch_imagenet(a.encoder)
+    except FileNotFoundError as err:
+        logger.error("%s", err)
+        return 1
+    write_json(a.out, {"encoder": a.encoder, "path": str(path), "sha256": file_sha256(path)})
+    logger.info("encoder %s: %s recorded in %s", a.encoder, path, a.out)
+    return 0
+
+
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """A state dict from a file; unwraps `{"state_dict": ...}` / `{"model": ...}` checkpoints."""
     if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file {path} does not exist; pass weights=None for "
-                                "random init or 'imagenet' to use the torch hub cache")
+        raise FileNotFoundError(f"encoder weights file {path} does not exist; give an existing file, "
+                                "`weights: imagenet` for torchvision's ImageNet weights, or `weights: null` "
+                                "for random initialisation")
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -104,23 +191,21 @@ def build_encoder(name: str, weights: str | None, seed: int | None = None) -> Re
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown encoder {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    if weights == "auto":
+        raise ValueError("weights: auto is gone (it fell back to random init without a word); use imagenet, "
+                         "a weights file, or null for random initialisation")
     if seed is not None:
         torch.manual_seed(seed)
     trunk = ResNetTrunk(name)
-    if weights in ("imagenet", "auto"):
+    if weights == "imagenet":
         found = find_imagenet_checkpoint(name)
-        if found is not None:
-            load_trunk_weights(trunk, found, name)
-            return trunk
-        if weights == "imagenet":
-            tried = ", ".join(str(p) for p in imagenet_checkpoint_paths(name))
-            raise FileNotFoundError(
-                f"ImageNet weights for {name} not found (tried: {tried}). Weights are never downloaded: "
-                f"copy torchvision's checkpoint to one of these paths (or point TORCH_HOME at a cache "
-                f"holding it), pass the file itself as weights=<path>, or use weights=None for random init")
-        weights = None
+        if found is None:
+            raise FileNotFoundError(_missing_imagenet(name, "jobs never download (the imagenet_weights job fetches "
+                                                            "it before training)"))
+        load_trunk_weights(trunk, found, name)
+        return trunk
     if weights is None:
-        logger.warning("encoder %s: random init, no ImageNet weights", name)
+        logger.warning("encoder %s: random initialisation (weights: null), no pretrained weights", name)
         return trunk
     load_trunk_weights(trunk, Path(weights).expanduser(), name)
     return trunk

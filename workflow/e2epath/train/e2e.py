@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from ..data import Bag, MultiScaleBagDataset, collate_bags, iter_full_bag, load_bags
 from ..models import build_aggregator, build_encoder
+from ..models.encoders import weights_record
 from ..transforms import model_inputs, resized_crops
 from . import job as training
 from .tasks import Task
@@ -35,51 +36,60 @@ class E2EModel(nn.Module):
         layout = torch.channels_last if patches.is_cuda else torch.contiguous_format
         return self.encoder(patches.contiguous(memory_format=layout))
 
-    def forward(self, bags: torch.Tensor) -> torch.Tensor:
-        """bags: [B, S, 3, H, W] normalised → logits [B, outputs]."""
+    def forward(self, bags: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """bags: [B, S, 3, H, W] normalised → logits [B, outputs]. ``mask`` [B, S] (True = a real
+        patch) marks bags shorter than S: only real patches go through the encoder (BatchNorm never
+        sees padding) and the aggregator ignores the rest."""
         b, s = bags.shape[:2]
-        feats = self.encode(bags.flatten(0, 1)).view(b, s, -1)
-        return self.aggregator(feats)
+        if mask is None:
+            return self.aggregator(self.encode(bags.flatten(0, 1)).view(b, s, -1))
+        real = self.encode(bags[mask])
+        feats = real.new_zeros((b, s, real.shape[-1]))
+        feats[mask] = real
+        return self.aggregator(feats, mask=mask)
 
 
 def sampled_batches(dataset: MultiScaleBagDataset, spec: dict, dev: torch.device):
-    """(epoch, bag order) → iterator of (augmented, normalised bags [B, S, 3, size, size] on
-    ``dev``, targets). Workers decode; cropping, flipping, resizing and normalising run batched
-    on ``dev``."""
+    """(epoch, bag order) → iterator of ((augmented, normalised bags [B, S, 3, size, size] on
+    ``dev``, mask [B, S] or None), targets). Workers decode; cropping, flipping, shifting,
+    resizing and normalising run batched on ``dev``."""
     size = spec["input_size"]
+    fill = "black" if spec["augment"]["translate"] > 0 else "border"
 
     def batches(epoch: int, order: np.ndarray):
         dataset.set_epoch(epoch, order)
         loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=False, collate_fn=collate_bags,
                             num_workers=spec["workers"], pin_memory=dev.type == "cuda",
                             prefetch_factor=2 if spec["workers"] else None)
-        for patches, boxes, target, _ in loader:
+        for patches, boxes, target, _, mask in loader:
             b, s = patches.shape[:2]
-            x = resized_crops(patches.to(dev, non_blocking=True).flatten(0, 1), boxes.flatten(0, 1), size)
-            yield x.view(b, s, *x.shape[1:]), target
+            x = resized_crops(patches.to(dev, non_blocking=True).flatten(0, 1), boxes.flatten(0, 1), size, fill)
+            yield (x.view(b, s, *x.shape[1:]), None if mask is None else mask.to(dev)), target
     return batches
 
 
-def full_bag_predictor(model: E2EModel, task: Task, bags: dict[str, Bag], spec: dict, dev: torch.device):
-    """case ids → (predictions, attention per slide), all patches of the eval magnification."""
-    mag, size, chunk = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"]
+def full_bag_predictor(task: Task, bags: dict[str, Bag], spec: dict, dev: torch.device):
+    """(model, bag ids) → (predictions, attention per slide), all patches of the eval
+    magnification, each its centre crop (or whole: ``eval_crop``) at the input size."""
+    mag, size, chunk, crop = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"], spec["eval_crop"]
+    units = {u: b.case_id for u, b in bags.items()}
 
     @torch.no_grad()
-    def predict(case_ids: list[str]):
+    def predict(model: E2EModel, unit_ids: list[str]):
         model.eval()
         logits, attention = [], []
-        for case in case_ids:
+        for unit in unit_ids:
             feats, parts = [], []
-            for slide, coords, x in iter_full_bag(bags[case], mag, chunk):
+            for slide, coords, x in iter_full_bag(bags[unit], mag, chunk):
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    feats.append(model.encode(model_inputs(x.to(dev), size)).float())
+                    feats.append(model.encode(model_inputs(x.to(dev), size, crop)).float())
                 parts.append((slide, coords))
             if not feats:
-                raise RuntimeError(f"case {case}: no patches at {mag}x for evaluation")
+                raise RuntimeError(f"{spec['bag']} {unit}: no patches at {mag}x for evaluation")
             out, attn = model.aggregator(torch.cat(feats)[None], return_attention=True)
             logits.append(out.float())
             attention.append((attn[0], _merge(parts)))
-        return training.bag_outputs(task, case_ids, logits, attention)
+        return training.bag_outputs(task, unit_ids, units, spec["bag"], logits, attention)
     return predict
 
 
@@ -95,11 +105,12 @@ class EndToEnd(training.Family):
     """Bags of patches from the LMDB stores; the encoder is trained with the aggregator."""
 
     def load(self, cases):
-        self.bags = load_bags(self.job.slides, self.inputs, cases)  # inputs: manifest rows / patch tables
+        # inputs: manifest rows / patch tables
+        self.bags = load_bags(self.job.slides, self.inputs, cases, self.spec["bag"])
         eval_mag, mags = self.spec["eval_magnification"], self.spec["sampling"]["magnifications"]
         # evaluation needs the eval magnification; training also needs one of the sampling ones
-        usable = {c for c, b in self.bags.items() if b.n_patches(eval_mag) > 0}
-        return usable, {c for c in usable if any(self.bags[c].n_patches(m) for m in mags)}
+        usable = {u: b.case_id for u, b in self.bags.items() if b.n_patches(eval_mag) > 0}
+        return usable, {u for u in usable if any(self.bags[u].n_patches(m) for m in mags)}
 
     def build(self, task, dev):
         spec = self.spec
@@ -113,24 +124,32 @@ class EndToEnd(training.Family):
 
     def batches(self, task, train, dev):
         spec, sampling = self.spec, self.spec["sampling"]
-        self.dataset = MultiScaleBagDataset([self.bags[c] for c in train], [task.target(c) for c in train],
+        self.dataset = MultiScaleBagDataset([self.bags[u] for u in train],
+                                            [task.target(self.bags[u].case_id) for u in train],
                                             spec["n_instances"], sampling["magnifications"], sampling["ratios"],
-                                            spec["input_size"], self.job.fold_seed)
-        logger.info("training bags: %d patches each (%s), %d px; evaluation: every patch at %dx",
-                    self.dataset.bag_size, dict(zip(self.dataset.mags, self.dataset.counts)), spec["input_size"],
-                    spec["eval_magnification"])
-        if spec["batch_size"] == 1 and spec["weights"] in (None, "auto"):
+                                            spec["input_size"], self.job.fold_seed, spec["augment"])
+        logger.info("training bags (%s): %d patches each (%s), %d px, augmentation %s; evaluation: every patch "
+                    "at %dx (%s)", spec["bag"], self.dataset.bag_size,
+                    dict(zip(self.dataset.mags, self.dataset.counts)), spec["input_size"], spec["augment"],
+                    spec["eval_magnification"], spec["eval_crop"])
+        if spec["weights"] is None:
+            logger.warning("weights: null — the encoder trains from random initialisation")
+        if spec["batch_size"] == 1 and spec["weights"] is None:
             logger.warning("batch_size 1: BatchNorm normalises each step by one case's patches, evaluation by "
                            "running statistics; from random init this mismatch can invert predictions (seen on "
                            "the demo). Prefer batch_size >= 2 or ImageNet weights")
         return sampled_batches(self.dataset, spec, dev)
 
-    def predictor(self, model, task, dev):
-        return full_bag_predictor(model, task, self.bags, self.spec, dev)
+    def predictor(self, task, dev):
+        return full_bag_predictor(task, self.bags, self.spec, dev)
 
     @property
     def patches_per_bag(self) -> float:
         return self.dataset.bag_size
+
+    def model_extras(self, task):
+        return {**super().model_extras(task), "encoder_weights": weights_record(self.spec["weights"],
+                                                                                list(self.job.pretrained))}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """One training job — a task × method × fold — whatever the family.
 
 The skeleton (:func:`run`) is the same for end-to-end and two-stage training: read the fold's
-cases and labels, seed, let the family load its inputs, drop cases without usable data (saying
-which), build the task and the model, draw each epoch's bag order (with minority oversampling),
-train with model selection on validation (`loop.fit`, which owns the checkpoint), predict the test
-subset once, and write the run's files (`e2epath.layout`). What differs — the inputs, the model,
-how a batch is drawn and how a full bag is predicted — is a :class:`Family`.
+cases and labels, seed, let the family load its bags (one per slide or per case: the task's `bag`
+unit), drop bags without usable data (saying which), build the task and the model, draw each
+epoch's bag order (with minority oversampling), train with model selection on validation
+(`loop.fit`, which owns the checkpoint and the weights' moving average), predict the test subset
+once, and write the run's files (`e2epath.layout`). What differs — the inputs, the model, how a
+batch is drawn and how a full bag is predicted — is a :class:`Family`. Splits are by case: every
+slide of a case is in the case's subset.
 
 Seeds: everything random in a job derives from ``TrainingJob.fold_seed`` = seed · 1000 + fold,
 and epoch e's bag order from ``TrainingJob.epoch_rng(e)``.
@@ -41,7 +43,7 @@ SUBSETS = ("train", "val", "test")
 @dataclass(frozen=True)
 class TrainingJob:
     """What a training job is given: the task, the fold, the seed, the method's resolved
-    hyper-parameters (`methods.with_task_defaults`: they name the method and its family), the
+    hyper-parameters (`methods.resolve_method`: they name the method and its family), the
     inputs every family reads, and the run's output files."""
 
     task: str
@@ -52,6 +54,7 @@ class TrainingJob:
     labels: Path
     slides: Path
     outputs: dict[str, Path]  # the names of layout.RUN_FILES → paths, all in the run's folder
+    pretrained: tuple[Path, ...] = ()  # the encoder's weights record or file (E2E)
 
     def __post_init__(self) -> None:
         folders = {p.parent for p in self.outputs.values()}
@@ -89,6 +92,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--fold", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--spec", required=True, help="the method's resolved hyper-parameters (JSON)")
+    ap.add_argument("--pretrained", nargs="*", default=[], type=Path,
+                    help="the encoder's weights: the imagenet_weights record or the weights file (E2E; none for "
+                         "random init or two-stage)")
     for name in RUN_FILES:
         ap.add_argument(f"--{name}", required=True, type=Path)
     return ap
@@ -105,7 +111,7 @@ def main(argv: list[str] | None, prog: str, family: type["Family"], inputs: str,
 
 def job_from_args(args: argparse.Namespace) -> TrainingJob:
     return TrainingJob(args.task, args.fold, args.seed, json.loads(args.spec), args.splits, args.labels,
-                       args.slides, {name: getattr(args, name) for name in RUN_FILES})
+                       args.slides, {name: getattr(args, name) for name in RUN_FILES}, tuple(args.pretrained))
 
 
 def seed_everything(seed: int) -> None:
@@ -127,43 +133,53 @@ def load_fold(job: TrainingJob) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     return labels, cases
 
 
-def keep_cases(cases: dict[str, list[str]], available: set[str], trainable: set[str]) -> dict[str, list[str]]:
-    """Drop cases without usable data from every subset, saying which: ``available`` for
-    validation and test, the stricter ``trainable`` for training."""
-    kept = {}
+def units_of(cases: dict[str, list[str]], units: dict[str, str], trainable: set[str]) -> dict[str, list[str]]:
+    """The bags (``units``: unit → case) of each subset's cases — for training only the
+    ``trainable`` ones — saying which cases lose bags and why; in (case, unit) order."""
+    out = {}
     for subset, ids in cases.items():
-        allowed = trainable if subset == "train" else available
-        gone = [c for c in ids if c not in allowed]
+        wanted = set(ids)
+        allowed = trainable if subset == "train" else set(units)
+        out[subset] = sorted((u for u in allowed if units[u] in wanted), key=lambda u: (units[u], u))
+        gone = sorted(wanted - {units[u] for u in out[subset]})
         if gone:
             logger.warning("%s: %d case(s) without usable patches skipped: %s", subset, len(gone), ", ".join(gone))
-        kept[subset] = [c for c in ids if c in allowed]
-    if not kept["train"]:
+    if not out["train"]:
         raise SystemExit("no training case has usable patches; check results/patches/manifest.tsv")
-    if not kept["val"]:
-        logger.warning("the validation subset is empty: every epoch scores NaN and the first epoch "
-                       "is kept; use a larger splits.val_fraction")
-    return kept
+    if not out["val"]:
+        raise SystemExit("no validation case has usable patches: model selection needs a validation subset "
+                         "(it never looks at the test one); use a larger splits.val_fraction or check the slides")
+    return out
 
 
-def balanced_order(strata: np.ndarray, rng: np.random.Generator, oversample: bool) -> np.ndarray:
-    """An epoch's bag order; with ``oversample`` minority strata are drawn up to the majority size."""
+def balanced_order(strata: np.ndarray, rng: np.random.Generator, oversample: float | None) -> np.ndarray:
+    """An epoch's bag order. With ``oversample`` r, each stratum (class) smaller than the largest
+    one's size / r is drawn up to that many bags, repeats drawn with replacement (r = 2: the paper's
+    BRCA IDC:ILC = 2:1; r = 1: every class as large as the largest)."""
     index = np.arange(len(strata))
     if oversample and len(np.unique(strata)) > 1:
         groups = [index[strata == s] for s in np.unique(strata)]
-        top = max(len(g) for g in groups)
-        index = np.concatenate([np.concatenate([g, rng.choice(g, top - len(g), replace=True)])
-                                if len(g) < top else g for g in groups])
+        target = int(np.ceil(max(len(g) for g in groups) / oversample - 1e-9))
+        index = np.concatenate([np.concatenate([g, rng.choice(g, target - len(g), replace=True)])
+                                if len(g) < target else g for g in groups])
     return rng.permutation(index)
 
 
-def bag_outputs(task: Task, case_ids: list[str], logits: list[torch.Tensor],
+def bag_outputs(task: Task, unit_ids: list[str], units: dict[str, str], unit: str, logits: list[torch.Tensor],
                 attention: list[tuple[torch.Tensor, list[tuple[str, np.ndarray]]]]) -> tuple[pd.DataFrame, dict]:
-    """Per-case logits → predictions (their mean loss in ``.attrs["loss"]``); per-case attention
-    [heads, N] split back into slides."""
-    if not case_ids:
-        return task.predictions([], torch.zeros(0, task.n_outputs)), {}
+    """Per-bag logits → predictions, one row per bag (slide bags: a `slide_id` column before
+    `case_id`), their mean loss in ``.attrs["loss"]``; per-bag attention [heads, N] split back into
+    slides."""
+    case_ids = [units[u] for u in unit_ids]
+    if not unit_ids:
+        preds = task.predictions([], torch.zeros(0, task.n_outputs))
+    else:
+        preds = task.predictions(case_ids, torch.cat(logits))
+    if unit == "slide":
+        preds.insert(0, "slide_id", unit_ids)
+    if not unit_ids:
+        return preds, {}
     logits = torch.cat(logits)
-    preds = task.predictions(case_ids, logits)
     targets = torch.stack([task.target(c) for c in case_ids]).to(logits.device)
     preds.attrs["loss"] = float(task.loss(logits, targets))  # breaks ties of the selection metric
     maps = {}
@@ -184,8 +200,9 @@ class Family(ABC):
         self.job, self.spec, self.inputs = job, job.spec, inputs
 
     @abstractmethod
-    def load(self, cases: list[str]) -> tuple[set[str], set[str]]:
-        """Read the inputs of ``cases``; return (cases that can be predicted, cases that can be trained on)."""
+    def load(self, cases: list[str]) -> tuple[dict[str, str], set[str]]:
+        """Read the bags of ``cases`` (one per slide or per case: ``self.spec["bag"]``); return
+        (bag → case of every bag that can be predicted, the bags that can be trained on)."""
 
     @abstractmethod
     def build(self, task: Task, dev: torch.device) -> torch.nn.Module:
@@ -193,11 +210,11 @@ class Family(ABC):
 
     @abstractmethod
     def batches(self, task: Task, train: list[str], dev: torch.device) -> Callable[[int, np.ndarray], Iterable]:
-        """(epoch, bag order: indices into ``train``) → that epoch's (inputs, targets) steps."""
+        """(epoch, bag order: indices into the ``train`` bags) → that epoch's (inputs, targets) steps."""
 
     @abstractmethod
-    def predictor(self, model: torch.nn.Module, task: Task, dev: torch.device) -> Predict:
-        """case ids → (predictions, attention per slide) of their full bags."""
+    def predictor(self, task: Task, dev: torch.device) -> Predict:
+        """(model, bag ids) → (predictions, attention per slide) of those full bags."""
 
     @property
     @abstractmethod
@@ -214,34 +231,35 @@ def run(job: TrainingJob, family: Family) -> int:
     spec = job.spec
     seed_everything(job.fold_seed)
     labels, cases = load_fold(job)
-    available, trainable = family.load([c for ids in cases.values() for c in ids])
-    cases = keep_cases(cases, available, trainable)
-    task = build_task(spec["task_type"], labels, cases["train"], spec["n_bins"])
+    units, trainable = family.load([c for ids in cases.values() for c in ids])
+    bags = units_of(cases, units, trainable)
+    logger.info("%s bags: %s", spec["bag"], {k: len(v) for k, v in bags.items()})
+    train = bags["train"]
+    task = build_task(spec["task_type"], labels, sorted({units[u] for u in train}), spec.get("n_bins"))
     dev = torch_device()
     model = family.build(task, dev)
-    train = cases["train"]
-    strata = task.strata(train)
-    oversample = spec["oversample"] and spec["task_type"] != "survival"
+    strata = task.strata([units[u] for u in train])
     draw = family.batches(task, train, dev)
 
     def batches(epoch: int) -> Iterable:
-        return draw(epoch, balanced_order(strata, job.epoch_rng(epoch), oversample))
+        return draw(epoch, balanced_order(strata, job.epoch_rng(epoch), spec["oversample"]))
 
-    predict = family.predictor(model, task, dev)
+    predict = family.predictor(task, dev)
     checkpoint = Checkpoint(job.folder / CHECKPOINT, spec)
-    result = fit(model, task, batches, predict, cases["val"], spec, checkpoint, family.patches_per_bag)
-    write_outputs(job, result, model, predict, cases["test"], family.model_extras(task))
+    result = fit(model, task, batches, predict, bags["val"], spec, checkpoint, family.patches_per_bag)
+    write_outputs(job, result, model, predict, bags["test"], family.model_extras(task))
     checkpoint.finish()
     return 0
 
 
 def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, predict: Predict,
                   test_cases: list[str], extras: dict[str, Any]) -> pd.DataFrame:
-    """Predict the test subset with the validation-selected weights; write every file of the run
-    (docs/contracts.md "Training outputs"), run.json last."""
+    """Predict the test subset with the validation-selected weights (raw or moving average, which
+    the model file records as `weights`); write every file of the run (docs/contracts.md
+    "Training outputs"), run.json last."""
     out = job.outputs
     model.load_state_dict(result.best_state)
-    preds, attention = predict(test_cases)
+    preds, attention = predict(model, test_cases)
     with atomic_path(out["predictions"]) as tmp:
         preds.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out["history"]) as tmp:
@@ -253,6 +271,7 @@ def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, p
     with atomic_path(out["attention"]) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **arrays)
     with atomic_path(out["model"]) as tmp:
-        torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch, **extras}, tmp)
+        torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch,
+                    "weights": result.best_weights, **extras}, tmp)
     job.run.write()
     return preds

@@ -107,7 +107,10 @@ def nll_survival(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor,
     return (uncensored + censored).mean()
 
 
-def build_task(task_type: str, labels: pd.DataFrame, train_cases: list[str], n_bins: int) -> Task:
+def build_task(task_type: str, labels: pd.DataFrame, train_cases: list[str], n_bins: int | None = None) -> Task:
+    """The task of ``task_type``; ``n_bins`` (survival only) time intervals from ``train_cases``."""
     if task_type == "survival":
+        if n_bins is None:
+            raise ValueError("a survival task needs n_bins (tasks.<task>.n_bins)")
         return SurvivalTask(labels, train_cases, n_bins)
     return ClassificationTask(labels)

@@ -19,14 +19,16 @@ from . import job as training
 logger = logging.getLogger(__name__)
 
 
-def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path],
-                      cases: set[str]) -> dict[str, tuple[torch.Tensor, list]]:
-    """case → (features [N, D] float32, [(slide, coords)]) from the per-slide feature files, or
-    from shard tables (JSON) listing them; a case's slides in slide-id order."""
+def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: set[str],
+                      unit: str = "case") -> tuple[dict[str, tuple[torch.Tensor, list]], dict[str, str]]:
+    """(bag → (features [N, D] float32, [(slide, coords)]), bag → case) from the per-slide feature
+    files, or from shard tables (JSON) listing them; one bag per case (its slides in slide-id
+    order) or per slide (``unit``)."""
     case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
     files = [p for p in paths if not str(p).endswith(".json")]
     files += [r["path"] for r in read_records(p for p in paths if str(p).endswith(".json"))]
     parts: dict[str, list] = {}
+    units: dict[str, str] = {}
     for path in sorted(files, key=lambda p: Path(p).name):
         rec = torch.load(path, map_location="cpu", weights_only=True)
         case = case_of.get(rec["slide_id"])
@@ -35,16 +37,20 @@ def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path],
         if rec["status"] != "ok" or len(rec["features"]) == 0:
             logger.info("skip slide %s: %s", rec["slide_id"], rec.get("message") or rec["status"])
             continue
-        parts.setdefault(case, []).append((rec["slide_id"], rec["features"].float(), rec["coords"].numpy()))
-    return {c: (torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p]) for c, p in parts.items()}
+        bag = case if unit == "case" else rec["slide_id"]
+        units[bag] = case
+        parts.setdefault(bag, []).append((rec["slide_id"], rec["features"].float(), rec["coords"].numpy()))
+    bags = {b: (torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p]) for b, p in parts.items()}
+    return bags, units
 
 
 class TwoStage(training.Family):
     """Full bags of frozen-encoder features; only the aggregator is trained (batch size 1)."""
 
     def load(self, cases):
-        self.bags = load_feature_bags(self.job.slides, self.inputs, set(cases))  # inputs: feature files / tables
-        return set(self.bags), set(self.bags)
+        # inputs: feature files / shard tables
+        self.bags, self.units = load_feature_bags(self.job.slides, self.inputs, set(cases), self.spec["bag"])
+        return dict(self.units), set(self.bags)
 
     def build(self, task, dev):
         self.in_dim = next(iter(self.bags.values()))[0].shape[1]
@@ -56,22 +62,22 @@ class TwoStage(training.Family):
 
         def batches(epoch: int, order: np.ndarray):
             for i in order:
-                case = train[i]
-                yield self.bags[case][0][None].to(dev), task.target(case)[None]
+                bag = train[i]
+                yield self.bags[bag][0][None].to(dev), task.target(self.units[bag])[None]
         return batches
 
-    def predictor(self, model, task, dev):
-        bags = self.bags
+    def predictor(self, task, dev):
+        bags, units, unit = self.bags, self.units, self.spec["bag"]
 
         @torch.no_grad()
-        def predict(case_ids: list[str]):
+        def predict(model, unit_ids: list[str]):
             model.eval()
             logits, attention = [], []
-            for case in case_ids:
-                out, attn = model(bags[case][0][None].to(dev), return_attention=True)
+            for bag in unit_ids:
+                out, attn = model(bags[bag][0][None].to(dev), return_attention=True)
                 logits.append(out.float())
-                attention.append((attn[0], bags[case][1]))
-            return training.bag_outputs(task, case_ids, logits, attention)
+                attention.append((attn[0], bags[bag][1]))
+            return training.bag_outputs(task, unit_ids, units, unit, logits, attention)
         return predict
 
     @property
