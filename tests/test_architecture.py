@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from e2epath import layout, metrics, models, vocabulary
+from e2epath import layout, metrics, models, presets, vocabulary
 from e2epath.__main__ import STEPS
 from e2epath.models.encoders import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
@@ -32,7 +32,7 @@ STAGES = ("base", "slide", "preprocess", "data", "train", "evaluate", "figures")
 STAGE_OF = {
     "e2epath": "base", "e2epath.__main__": "base", "e2epath.vocabulary": "base", "e2epath.io": "base",
     "e2epath.devices": "base", "e2epath.store": "base", "e2epath.shards": "base", "e2epath.sheets": "base",
-    "e2epath.layout": "base", "e2epath.cohorts": "base",
+    "e2epath.layout": "base", "e2epath.cohorts": "base", "e2epath.presets": "base",
     "e2epath.slide": "slide", "e2epath.tiles": "slide", "e2epath.slidewriter": "slide", "e2epath.demo": "slide",
     "e2epath.preprocess": "preprocess",
     "e2epath.transforms": "data", "e2epath.data": "data", "e2epath.features": "data", "e2epath.splits": "data",
@@ -112,8 +112,12 @@ def test_schema_enums_are_the_package_constants():
     method = defs["method_spec"]["properties"]
     assert defs["id"]["pattern"] == f"^{vocabulary.ID_PATTERN}$"
     assert tuple(defs["magnification"]["enum"]) == vocabulary.MAGNIFICATIONS
-    assert tuple(method["encoder"]["enum"]) == vocabulary.ENCODERS == tuple(ARCHITECTURES)
-    assert tuple(props["twostage"]["properties"]["encoder"]["enum"]) == vocabulary.ENCODERS
+    assert method["encoder"]["$ref"] == "#/definitions/id"  # a preset or the config's own: e2epath.presets
+    assert props["twostage"]["properties"]["encoders"]["items"]["$ref"] == "#/definitions/id"
+    assert set(props["encoders"]["additionalProperties"]["properties"]) == set(presets.FIELDS)
+    assert tuple(props["encoders"]["additionalProperties"]["properties"]["embedding"]["enum"]) == presets.EMBEDDINGS
+    assert tuple(props["encoders"]["additionalProperties"]["properties"]["dtype"]["enum"]) == presets.DTYPES
+    assert set(ARCHITECTURES) <= set(presets.PRESETS)
     assert tuple(method["aggregator"]["enum"]) == vocabulary.AGGREGATORS == tuple(models.AGGREGATORS)
     assert tuple(method["optimizer"]["enum"]) == tuple(OPTIMIZERS)
     task = props["tasks"]["additionalProperties"]["properties"]
@@ -206,7 +210,7 @@ def test_wildcard_constraints_are_the_package_constants(workflows):
         assert got["slide"] == got["method"] == vocabulary.ID_PATTERN
         assert got["mag"] == "|".join(map(str, vocabulary.MAGNIFICATIONS))
         assert got["family"] == "|".join(vocabulary.FAMILIES)
-        assert got["encoder"] == "|".join(vocabulary.ENCODERS)
+        assert got["encoder"] == "|".join(re.escape(name) for name in presets.PRESETS)
 
 
 def job_rules(wf):

@@ -2,7 +2,9 @@
 over the same resamples, paired differences, the `evaluate` and `tables` command lines."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -371,8 +373,30 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     assert "belongs to task 'other_task'" in caplog.text
 
     md, tex = tmp_path / "tables" / f"{task}.md", tmp_path / "tables" / f"{task}.tex"
-    assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex)]) == 0
+    runs = [a for a in argv if a.endswith("run.json")]
+    assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex), "--runs", *runs]) == 0
     md_text, tex_text = md.read_text(), tex.read_text()
+    assert "Encoder weights" not in md_text  # these runs record no encoder
+
+    # runs that record their encoder's checkpoint: each method's is listed under the table, by sha256
+    for path in runs:
+        meta = json.loads(Path(path).read_text())
+        sha = "ab" * 32 if meta["method"] == "abmilx_r18" else None
+        meta["encoder"] = {"name": "uni" if sha else "resnet18", "weights": "hf:MahmoodLab/UNI/pytorch_model.bin"
+                           if sha else None, "path": "/cache/uni.bin" if sha else None, "sha256": sha}
+        Path(path).write_text(json.dumps(meta))
+    assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex), "--runs", *runs]) == 0
+    weights_lines = md.read_text().split("Encoder weights:")[1]
+    assert "| abmilx_r18 | uni | hf:MahmoodLab/UNI/pytorch_model.bin | abababababababab… |" in weights_lines
+    assert "| trans_mil | resnet18 | random init | — |" in weights_lines
+    # folds of one method that used different checkpoints are an error, not a table
+    meta = json.loads(Path(runs[0]).read_text())
+    twin = [p for p in runs if p != runs[0] and json.loads(Path(p).read_text())["method"] == meta["method"]][0]
+    other = json.loads(Path(twin).read_text())
+    other["encoder"] = {**meta["encoder"], "sha256": "cd" * 32}
+    Path(twin).write_text(json.dumps(other))
+    assert tables.cli(["--metrics", str(out), "--md-out", str(md), "--tex-out", str(tex), "--runs", *runs]) == 2
+    Path(twin).write_text(json.dumps({**other, "encoder": meta["encoder"]}))
     best_auc = res[(res["fold"] == "pooled") & (res["metric"] == "auc")].sort_values("mean")["method"].iloc[-1]
     best_line = next(line for line in md_text.splitlines() if line.startswith(f"| {best_auc} |"))
     assert best_line.split("|")[2].strip().startswith("**")  # AUC column, best mean is bold

@@ -11,7 +11,7 @@ import torchvision
 
 from e2epath.models import AGGREGATORS, build_aggregator, build_encoder
 from e2epath.models.abmilx import ABMILX, AttentionPlus, propagate_attention
-from e2epath.models.encoders import cli_fetch, fetch_imagenet, imagenet_checkpoint_paths, weights_record
+from e2epath.models.encoders import cli_weights, fetch_imagenet, imagenet_checkpoint_paths, weights_record
 
 IN_DIM, N_CLASSES = 24, 3
 SMALL = {"abmilx": {"inner_dim": 16, "n_heads": 4}, "transmil": {"inner_dim": 16, "n_heads": 4}}
@@ -215,9 +215,10 @@ def test_imagenet_weights_from_hub_cache(tmp_path, monkeypatch):
     assert_same_trunk(build_encoder("resnet18", "imagenet"), reference)
     assert fetch_imagenet("resnet18") == cached  # found in the cache: no download tried
     record = tmp_path / "record.json"
-    assert cli_fetch(["--encoder", "resnet18", "--out", str(record)]) == 0
+    argv = ["--encoder", "resnet18", "--arch", "resnet18", "--weights", "imagenet", "--out", str(record)]
+    assert cli_weights(argv) == 0
     rec = json.loads(record.read_text())
-    assert rec == {"encoder": "resnet18", "path": str(cached),
+    assert rec == {"encoder": "resnet18", "weights": "imagenet", "path": str(cached),
                    "sha256": hashlib.sha256(cached.read_bytes()).hexdigest()}
     assert weights_record("imagenet", [record]) == {"weights": "imagenet", "path": str(cached),
                                                     "sha256": rec["sha256"]}
@@ -227,7 +228,9 @@ def test_imagenet_weights_from_hub_cache(tmp_path, monkeypatch):
 def test_imagenet_record_job_fails_offline_with_an_empty_cache(tmp_path, monkeypatch, caplog):
     offline(monkeypatch, tmp_path)
     with caplog.at_level(logging.ERROR, logger="e2epath.models.encoders"):
-        assert cli_fetch(["--encoder", "resnet50", "--out", str(tmp_path / "r.json")]) == 1
+        argv = ["--encoder", "resnet50", "--arch", "resnet50", "--weights", "imagenet",
+                "--out", str(tmp_path / "r.json")]
+        assert cli_weights(argv) == 1
     assert "resnet50-" in caplog.text and "could not be downloaded" in caplog.text
     assert not (tmp_path / "r.json").exists()
 
@@ -244,11 +247,11 @@ def test_full_resnet_state_dict_file_loads(tmp_path):
 
 def test_wrong_weights_file_is_reported(tmp_path):
     full_resnet18_file(tmp_path / "r18.pth")
-    with pytest.raises(ValueError, match="r18.pth does not match a torchvision resnet50"):
+    with pytest.raises(ValueError, match="r18.pth does not fit encoder resnet50"):
         build_encoder("resnet50", str(tmp_path / "r18.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         build_encoder("resnet18", str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="valid: resnet18, resnet50"):
+    with pytest.raises(ValueError, match="presets: resnet18, resnet50"):
         build_encoder("vit_b_16", None)
 
 

@@ -96,6 +96,12 @@ BASELINES = {"r18_abmilx": ("resnet18", "abmilx"), "r50_abmilx": ("resnet50", "a
              "r18_dsmil": ("resnet18", "dsmil")}
 TWOSTAGE_METHODS = {"ts_r50_abmil": "abmil", "ts_r50_transmil": "transmil", "ts_r50_dsmil": "dsmil",
                     "ts_r50_abmilx": "abmilx"}
+# The paper's foundation-model baselines (Tables 1, 2, 8: UNI with ABMIL and TransMIL, GigaPath with
+# ABMIL): B.3 changes the learning rate to 1e-4 for FM features; weights from the model cards' hub
+# repositories (UNI: MahmoodLab/UNI, Prov-GigaPath: prov-gigapath/prov-gigapath, pytorch_model.bin).
+FM_METHODS = {"ts_uni_abmil": ("uni", "abmil", "hf:MahmoodLab/UNI/pytorch_model.bin", 1024),
+              "ts_uni_transmil": ("uni", "transmil", "hf:MahmoodLab/UNI/pytorch_model.bin", 1024),
+              "ts_gigapath_abmil": ("gigapath", "abmil", "hf:prov-gigapath/prov-gigapath/pytorch_model.bin", 1536)}
 
 
 def resolved(config: Path, capsys) -> dict:
@@ -113,7 +119,7 @@ def test_methods_print_the_published_recipe(config, capsys):
     name, task_type, bag, select_on, oversample = TASKS[config.stem]
     assert list(out) == [name]
     specs = out[name]
-    assert set(specs) == set(BASELINES) | set(TWOSTAGE_METHODS)
+    assert set(specs) == set(BASELINES) | set(TWOSTAGE_METHODS) | set(FM_METHODS)
     for method, (encoder, aggregator) in BASELINES.items():
         spec, want = specs[method], E2E[task_type, encoder]
         assert (spec["family"], spec["encoder"], spec["aggregator"]) == ("e2e", encoder, aggregator)
@@ -139,6 +145,15 @@ def test_methods_print_the_published_recipe(config, capsys):
         assert (spec["family"], spec["aggregator"], spec["bag"]) == ("twostage", aggregator, bag)
         for key, value in {**COMMON_TWOSTAGE, **TWOSTAGE[task_type]}.items():
             assert spec[key] == value, (method, key)
+        assert spec["aggregator_kw"] == {"inner_dim": 512}
+    for method, (encoder, aggregator, weights, dim) in FM_METHODS.items():
+        spec = specs[method]
+        assert (spec["family"], spec["encoder"], spec["aggregator"], spec["weights"]) == \
+            ("twostage", encoder, aggregator, weights)
+        for key, value in {**COMMON_TWOSTAGE, **TWOSTAGE[task_type], "encoder": encoder, "weights": weights,
+                           "lr": 1e-4}.items():
+            assert spec[key] == value, (method, key)
+        assert spec["encoder_spec"]["dim"] == dim and spec["encoder_spec"]["input_size"] == 224
         assert spec["aggregator_kw"] == {"inner_dim": 512}
 
 
@@ -236,6 +251,11 @@ def test_snakemake_plans_every_paper_config(config, tmp_path):
     n_ts = sum(s["family"] == "twostage" for specs in resolved_specs.values() for s in specs.values())
     assert jobs["train_e2e"] == n_e2e * folds and jobs.get("train_mil", 0) == n_ts * folds
     assert jobs["patch"] == n_slides * len(full["preprocess"]["magnifications"])
-    # one ImageNet fetch per encoder, before any training
-    encoders = {s["encoder"] for specs in resolved_specs.values() for s in specs.values()}
-    assert jobs["imagenet_weights"] == len(encoders)
+    # one weights record per encoder, before any training: ImageNet for the ResNets, the local
+    # Hugging Face cache for the foundation models
+    used = {(s["encoder"], s["weights"]) for specs in resolved_specs.values() for s in specs.values()}
+    assert all(w == "imagenet" or w.startswith("hf:") for _, w in used)
+    assert jobs["encoder_weights"] == len(used)
+    ts_encoders = {s["encoder"] for specs in resolved_specs.values() for s in specs.values()
+                   if s["family"] == "twostage"}
+    assert jobs.get("extract_features", 0) == n_slides * len(ts_encoders)  # one feature job per slide and encoder

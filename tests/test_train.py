@@ -19,6 +19,7 @@ import torch
 from e2epath.data import MultiScaleBagDataset, load_bags
 from e2epath.layout import RUN_FILES, Run
 from e2epath.methods import resolve_method
+from e2epath.presets import resolve_encoders
 from e2epath.metrics import main_metric, task_metrics
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.splits import make_splits
@@ -46,7 +47,8 @@ def twostage_spec(bag: str = "case", **kw) -> dict:
     own = {"family": "twostage", "name": "ts_abmil", "aggregator": "abmil", "epochs": 3, "lr": 1e-3,
            "patience": None, "min_epochs": 0, **kw}
     return resolve_method(own, {"type": "classification", "n_bins": 2, "bag": bag},
-                          {"encoder": "resnet18", "weights": None, "magnification": 20})
+                          {"encoders": ["resnet18"], "magnification": 20},
+                          resolve_encoders({"encoders": {"resnet18": {"weights": None}}}))
 
 
 @pytest.fixture(scope="module")
@@ -531,3 +533,27 @@ def test_a_padded_short_bag_scores_as_if_alone():
         both = model(padded, mask)
         torch.testing.assert_close(both[1], model(bags[1:, :4])[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(both[0], model(bags[:1])[0], rtol=0, atol=1e-5)
+
+
+def test_e2e_trains_a_timm_vit_with_its_last_block_only(cohort, tmp_path):
+    """A timm ViT end to end (`encoders:` entry, `trainable_blocks: 1`, gradient checkpointing),
+    normalised with the encoder's own statistics: only the last block and the aggregator move."""
+    encoders = resolve_encoders({"encoders": {"vit": {
+        "arch": "timm:vit_tiny_patch16_224", "dim": 192, "input_size": 32, "weights": None,
+        "mean": [0.7, 0.6, 0.7], "std": [0.2, 0.2, 0.2],
+        "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 0}}}})
+    own = {"family": "e2e", "name": "vit_abmilx", "encoder": "vit", "aggregator": "abmilx", "n_instances": 8,
+           "epochs": 1, "lr": 1e-3, "warmup_epochs": 0, "batch_size": 2, "workers": 0, "eval_chunk": 16,
+           "sampling": {"magnifications": [10, 20], "ratios": [0.5, 0.5]}, "ema": None, "patience": None,
+           "min_epochs": 0, "trainable_blocks": 1, "grad_checkpointing": True}
+    spec = resolve_method(own, {"type": "classification", "n_bins": 2, "bag": "case"}, None, encoders)
+    assert spec["input_size"] == 32 and spec["encoder_spec"]["mean"] == [0.7, 0.6, 0.7]
+    assert e2e.cli(cli_args(cohort, tmp_path, spec)) == 0
+    saved = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
+    from e2epath.models import build_encoder
+
+    initial = build_encoder(spec["encoder_spec"], None, seed=0).state_dict()  # the job's seed: same init
+    trained = {k.removeprefix("encoder."): v for k, v in saved["model"].items() if k.startswith("encoder.")}
+    moved = {k for k, v in trained.items() if not torch.equal(v, initial[k])}
+    assert moved and all(k.startswith(("model.blocks.1.", "model.norm.")) for k in moved), moved
+    assert json.loads((tmp_path / "run.json").read_text())["encoder"] == {"name": "vit", "weights": None}

@@ -155,10 +155,17 @@ def test_changing_one_method_reruns_only_its_jobs(run):
 
 
 def test_changing_the_feature_encoder_reruns_twostage_but_not_e2e(run):
-    jobs = planned(run, edited(twostage__encoder="resnet50"))
+    config = edited(twostage__encoders=["resnet50"])
+    config["encoders"]["resnet50"] = {"weights": None, "input_size": 32}
+    jobs = planned(run, config)
     assert jobs.pop("extract_features") == N_SLIDES + len(BAD)
     assert jobs.pop("train_mil") == 2 * FOLDS
     assert "train_e2e" not in jobs and "patch" not in jobs
+    # one setting of the encoder's preset (its normalisation) redoes its features, nothing upstream
+    config = edited()
+    config["encoders"]["resnet18"]["mean"] = [0.7, 0.6, 0.7]
+    jobs = planned(run, config)
+    assert jobs.pop("extract_features") == N_SLIDES + len(BAD) and "patch" not in jobs
 
 
 def test_adding_a_slide_runs_only_its_jobs_and_aggregates(run):
@@ -376,7 +383,7 @@ def test_a_two_by_two_sweep_is_four_methods_and_one_new_value_runs_only_its_own(
 
 
 def test_imagenet_weights_that_cannot_be_had_stop_the_run_before_any_training(run, tmp_path):
-    """weights: imagenet, an empty torch cache and no network: the imagenet_weights job fails with
+    """weights: imagenet, an empty torch cache and no network: the encoder_weights job fails with
     the cache path and the ways out, and no training job starts."""
     config = edited(e2e__defaults__weights="imagenet")
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
@@ -385,7 +392,46 @@ def test_imagenet_weights_that_cannot_be_had_stop_the_run_before_any_training(ru
         res = snakemake(run, config, "--cores", "2", "all", env=env)
         out = res.stdout + res.stderr
         assert res.returncode != 0, out[-3000:]
-        assert "rule imagenet_weights" in out and "rule train_e2e" not in out, out[-3000:]
-        log = (run / "results/logs/imagenet_weights/resnet18.log").read_text()
+        assert "rule encoder_weights" in out and "rule train_e2e" not in out, out[-3000:]
+        log = (run / "results/logs/encoder_weights/imagenet/resnet18.log").read_text()
         assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in log
         assert "could not be downloaded" in log and "weights: <file>" in log and "weights: null" in log
+
+
+def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
+    """A small ViT from a weights file next to the ResNet: adding it runs its feature jobs and its
+    method; its features have the preset's width and record the file's hash, as does the table."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from e2epath.models.encoders import TimmEncoder
+    from e2epath.presets import encoder_spec
+
+    vit = {"arch": "timm:vit_tiny_patch16_224", "dim": 192, "input_size": 32, "embedding": "cls",
+           "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 0}}
+    weights = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in TimmEncoder(encoder_spec("vit_tiny", vit)).model.state_dict().items()},
+              str(weights))
+    config = edited(twostage__encoders=["resnet18", "vit_tiny"])
+    config["encoders"]["vit_tiny"] = {**vit, "weights": str(weights)}
+    config["twostage"]["methods"]["ts_vit_abmil"] = {"encoder": "vit_tiny", "aggregator": "abmil"}
+    jobs = planned(run, config)
+    assert jobs.pop("extract_features") == N_SLIDES + len(BAD)  # the ViT's; the ResNet's are done
+    assert jobs.pop("train_mil") == 2 * FOLDS  # ts_vit_abmil only, both tasks
+    assert set(jobs) <= {"evaluate", "tables", "figures_task"}, jobs
+    with left_as_found(run, tmp_path / "saved"):
+        res = snakemake(run, config, "--cores", "2", "all")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+        import torch
+
+        rec = torch.load(run / "results/features/vit_tiny/20x/DEMO-S001.pt", weights_only=True)
+        assert rec["features"].shape[1] == 192 and rec["encoder"] == "vit_tiny"
+        assert rec["encoder_weights"]["sha256"] == sha
+        table = (run / "results/tables/subtype.md").read_text()
+        assert f"| ts_vit_abmil | vit_tiny | {weights} | {sha[:16]}… |" in table
+        assert "| ts_abmil | resnet18 | random init | — |" in table
+        metrics = pd.read_csv(run / "results/metrics/subtype.tsv", sep="\t")
+        assert {"ts_abmil", "ts_vit_abmil"} <= set(metrics["method"])
+        assert planned(run, config) == {}

@@ -1,5 +1,5 @@
 """`python -m e2epath <step> ...` — one sub-command per rule, and the user's tools (`check` a
-sheet, print the resolved `methods`, write a `cohort`'s sheet and labels).
+sheet, print the resolved `methods` and the `encoders`, write a `cohort`'s sheet and labels).
 
 Each step lives in one module as `cli(argv) -> int`; modules are imported lazily so a step
 that reads a TSV does not pay for importing torch.
@@ -26,7 +26,8 @@ STEPS: dict[str, str] = {
     "patch": "e2epath.preprocess.patching:cli",
     "patch_shard": "e2epath.preprocess.patching:cli_shard",
     "manifest": "e2epath.preprocess.patching:cli_manifest",
-    "imagenet_weights": "e2epath.models.encoders:cli_fetch",
+    "encoder_weights": "e2epath.models.encoders:cli_weights",
+    "encoders": "e2epath.presets:cli",
     "methods": "e2epath.methods:cli",
     "cohort": "e2epath.cohorts:cli",
     "splits": "e2epath.splits:cli",

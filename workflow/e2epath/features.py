@@ -2,9 +2,11 @@
 one per shard of slides with preprocess.shards).
 
 All patches of the configured magnification (falling back, with a message, to the finest
-available coarser one the rule passes) go through the frozen encoder in batches under no_grad —
-AMP and channels_last on CUDA. Patches become encoder inputs exactly as in E2E evaluation
-(`transforms.model_inputs`, on the encoder's device). Features are stored as float16 with the
+available coarser one the rule passes) go through the frozen encoder (a preset of
+`e2epath.presets`, as the config changes it) in batches under no_grad — on CUDA in the preset's
+dtype (bf16 / fp16 autocast, fp32) and channels_last. Each stored patch is resized whole to the
+preset's input size and normalised with its statistics (`transforms.model_inputs`, on the
+encoder's device). Features are stored as float16 with the
 patches' level-0 coordinates. The next batches are decoded in background threads while the
 encoder runs (OpenCV releases the GIL), in a fixed order, so the output does not depend on the
 thread count. A slide without usable patches still gets a file: status ``skipped`` (or
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -31,9 +34,10 @@ from .devices import torch_device
 from .io import atomic_path, read_records
 from .models import build_encoder
 from .models.encoders import weights_record
+from .presets import EncoderError, PRESETS, encoder_spec
 from .store import LmdbReader, decode_jpeg
 from .transforms import model_inputs
-from .vocabulary import ENCODERS, MAGNIFICATIONS
+from .vocabulary import MAGNIFICATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +101,18 @@ class PatchBatches:
                 yield pending.popleft().result()
 
 
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 @torch.no_grad()
 def extract(encoder: nn.Module, store: LmdbReader, input_size: int, batch_size: int,
             dev: torch.device, workers: int) -> Tensor:
-    """float16 [N, out_dim] features of every patch of ``store``, in store order."""
+    """float16 [N, out_dim] features of every patch of ``store``, in store order; inputs resized
+    and normalised as ``encoder.spec`` says, autocast to its dtype on CUDA."""
     encoder.eval()
     cuda = dev.type == "cuda"
+    spec = encoder.spec
+    dtype = AUTOCAST.get(spec["dtype"]) if cuda else None
     if cuda:  # the same algorithms every run: same input → same features
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -112,17 +122,17 @@ def extract(encoder: nn.Module, store: LmdbReader, input_size: int, batch_size: 
     for batch in tqdm(batches, desc=store.meta["slide_id"], total=len(batches)):
         if cuda:  # uint8 travels: 4x less host → device traffic than float
             batch = batch.pin_memory()
-        x = model_inputs(batch.to(dev, non_blocking=True), input_size, "whole")
+        x = model_inputs(batch.to(dev, non_blocking=True), input_size, "whole", spec["mean"], spec["std"])
         x = x.contiguous(memory_format=layout)
-        with torch.autocast(dev.type, enabled=cuda):
+        with torch.autocast(dev.type, dtype=dtype or torch.float16, enabled=dtype is not None):
             feats.append(encoder(x).half().cpu())
     return torch.cat(feats) if feats else torch.zeros(0, encoder.out_dim, dtype=torch.float16)
 
 
-def build_frozen_encoder(name: str, weights: str | None, seed: int, dev: torch.device) -> nn.Module:
+def build_frozen_encoder(spec: dict, weights: str | None, seed: int, dev: torch.device) -> nn.Module:
     """Eval-mode encoder without gradients; random init seeded, so every slide's job builds the
     same one and features of different slides are comparable."""
-    encoder = build_encoder(name, weights, seed=seed).to(dev).eval().requires_grad_(False)
+    encoder = build_encoder(spec, weights, seed=seed).to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     return encoder
@@ -142,12 +152,12 @@ OUTPUTS: shards.Outputs = {"out": ("feature_dir", ".pt")}  # the .pt record (per
 
 @dataclass(frozen=True)
 class FeatureParams:
-    """How features are extracted (the `twostage` section of the config)."""
+    """How features are extracted (the `twostage` section and the encoder's preset)."""
 
-    encoder: str
+    encoder: dict             # the preset (e2epath.presets), as the config changes it
     magnification: int
     weights: str | None       # None = random init; see models.build_encoder
-    input_size: int
+    input_size: int           # the preset's, unless --input-size says otherwise
     batch_size: int
     seed: int
     workers: int              # decoding threads (0: decode inline); speed only
@@ -163,21 +173,28 @@ class FeatureParams:
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog)
-    ap.add_argument("--encoder", required=True, choices=ENCODERS)
+    ap.add_argument("--encoder", required=True,
+                    help=f"a preset ({', '.join(PRESETS)}) or a preset as JSON (what the workflow passes)")
     ap.add_argument("--magnification", type=int, required=True, choices=MAGNIFICATIONS)
-    ap.add_argument("--weights", required=True, help="auto | imagenet | None | a state-dict file")
-    ap.add_argument("--input-size", type=int, required=True)
+    ap.add_argument("--weights", required=True, help="imagenet | hf:<org>/<repo>/<file> | a state-dict file | None")
+    ap.add_argument("--input-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--workers", type=int, required=True, help="decoding threads (0: decode inline)")
     ap.add_argument("--pretrained", nargs="*", default=[], type=Path,
-                    help="the imagenet_weights record or the weights file (none for random init)")
+                    help="the encoder_weights record or the weights file (none for random init)")
     return ap
 
 
-def _params(a: argparse.Namespace) -> FeatureParams:
+def _params(a: argparse.Namespace, ap: argparse.ArgumentParser) -> FeatureParams:
     weights = None if a.weights in ("None", "null") else a.weights
-    return FeatureParams(a.encoder, a.magnification, weights, a.input_size, a.batch_size, a.seed, a.workers,
+    try:
+        spec = json.loads(a.encoder) if a.encoder.lstrip().startswith("{") else encoder_spec(a.encoder)
+    except (EncoderError, json.JSONDecodeError) as err:
+        ap.error(f"--encoder: {err}")
+    input_size = a.input_size or spec["input_size"]
+    spec = {**spec, "input_size": input_size}
+    return FeatureParams(spec, a.magnification, weights, input_size, a.batch_size, a.seed, a.workers,
                          tuple(a.pretrained))
 
 
@@ -202,6 +219,13 @@ class Extractor:
             if self.encoder is None:
                 self.encoder = build_frozen_encoder(p.encoder, p.weights, p.seed, self.dev)
                 self.weights = weights_record(p.weights, list(p.pretrained))
+                logger.info("encoder %s (%s): %d-d embeddings (%s) of %d px inputs; weights %s", p.encoder["name"],
+                            p.encoder["arch"], p.encoder["dim"], p.encoder["embedding"], p.input_size,
+                            self.weights.get("path") or "random init")
+                if p.encoder["magnification"] != p.magnification:
+                    logger.warning("encoder %s was trained at %dx; its features here are of %dx patches "
+                                   "(twostage.magnification)", p.encoder["name"], p.encoder["magnification"],
+                                   p.magnification)
             store = LmdbReader(row["lmdb"])
             mag = int(float(row["magnification"]))
             try:
@@ -212,6 +236,7 @@ class Extractor:
                 logger.error("slide %s: %s", slide, err)
                 rec = record(slide, "failed", str(err), mag)
         rec["encoder_weights"] = self.weights
+        rec["encoder"] = p.encoder["name"]
         with atomic_path(out) as tmp:
             torch.save(rec, tmp)
         return {"slide_id": slide, "status": rec["status"], "message": rec["message"], "path": str(out)}
@@ -224,7 +249,7 @@ def _main(argv: list[str] | None, shard: bool) -> int:
                          "and the coarser ones it may fall back to")
     shards.add_outputs(ap, shard, OUTPUTS)
     a = ap.parse_args(argv)
-    params = _params(a)
+    params = _params(a, ap)
     rows: dict[str, list[dict]] = {}
     for row in read_records(a.rows):
         rows.setdefault(row["slide_id"], []).append(row)

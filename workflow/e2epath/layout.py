@@ -46,8 +46,10 @@ SHARD_MARKERS = {
     "features": "results/shards/done/features/{encoder}/{mag}x",
 }
 
-# torchvision's ImageNet weights, fetched once into the torch cache: where they are, and their hash
-IMAGENET_WEIGHTS = "results/weights/imagenet/{encoder}.json"
+# An encoder's checkpoint — torchvision's ImageNet weights fetched once into the torch cache
+# (source imagenet), or a file of the local Hugging Face cache (source hub): where it is, and its hash
+WEIGHTS_RECORD = "results/weights/{source}/{encoder}.json"
+WEIGHTS_SOURCES = ("imagenet", "hub")
 
 # ------------------------------------------------------------------ per task
 SPLITS = "results/splits/{task}.tsv"
@@ -109,10 +111,11 @@ class Run:
     def path(self, name: str) -> Path:
         return self.folder / RUN_FILES[name]
 
-    def write(self) -> None:
-        """Write ``run.json`` (atomically) into the run's folder."""
+    def write(self, encoder: dict | None = None) -> None:
+        """Write ``run.json`` (atomically) into the run's folder; ``encoder``: which encoder and
+        weights (path, sha256) the run's features came from, for tables and the report."""
         meta = {k: v for k, v in asdict(self).items() if k != "folder"}
-        write_json(self.path("run"), {**meta, "format_version": RUN_FORMAT})
+        write_json(self.path("run"), {**meta, "format_version": RUN_FORMAT, "encoder": encoder})
 
     @classmethod
     def read(cls, path: str | Path) -> "Run":
@@ -178,3 +181,20 @@ def load_tables(runs: list[Run], name: str, missing_ok: bool = False) -> dict[tu
         if not folds:
             logger.warning("%s/%s: every %s table is empty — method left out", family, method, name)
     return {k: v for k, v in out.items() if v}
+
+
+def read_encoders(paths: Iterable[str | Path]) -> dict[str, dict]:
+    """method → the encoder record of its runs' ``run.json`` (name, weights, path, sha256); the
+    first fold's where folds agree, which they must (one checkpoint per method)."""
+    out: dict[str, dict] = {}
+    for path in paths:
+        meta = read_json(Path(path))
+        rec = meta.get("encoder")
+        if not rec:
+            continue
+        seen = out.setdefault(meta["method"], rec)
+        if seen.get("sha256") != rec.get("sha256"):
+            raise ValueError(f"{path}: method {meta['method']!r} fold {meta.get('fold')} used weights "
+                             f"{rec.get('path')} ({rec.get('sha256')}), another fold {seen.get('path')} "
+                             f"({seen.get('sha256')}); rerun the method's jobs")
+    return out

@@ -8,7 +8,9 @@ every value with its source and the few places where e2epath departs from them, 
 
 Precedence, highest first: the method's own keys > its family's `defaults` > the recipe for the
 task type and encoder (`E2E_ENCODER_RECIPE` over `E2E_RECIPE`; for `aggregator_kw`, per aggregator
-too) > the generic defaults below.
+too; two-stage on foundation-model features: `TWOSTAGE_FM_RECIPE`) > the encoder's preset (input
+size, weights: `e2epath.presets`) > the generic defaults below. A method's resolved dict carries its
+encoder's preset (`encoder_spec`) and the weights it loads (`weights`).
 `aggregator_kw`, `augment` and `sampling` merge key by key; everything else is replaced whole. A task's `bag`
 unit, `select_on` metric and `oversample` ratio come from the task (`TASK_DEFAULTS` per task type).
 
@@ -26,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .presets import EncoderError, check_weights, resolve_encoders
 from .sampling import scale_counts
 from .vocabulary import FAMILIES, MAIN_METRIC, METRICS
 
@@ -40,7 +43,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # What no task type changes.
 GENERIC: dict[str, Any] = {
-    "weights": "imagenet",  # torchvision's ImageNet weights (fetched once into the torch cache)
     "aggregator_kw": {},
     "input_size": 224,
     "accumulate": 1,
@@ -52,6 +54,8 @@ GENERIC: dict[str, Any] = {
     "warmup_epochs": 0,
     "augment": {"hflip": False, "vflip": False, "crop_scale": 0.08, "translate": 0.0},
     "eval_crop": "center",  # evaluate the centre input_size crop of each stored patch (CenterCrop 224 of 256)
+    "trainable_blocks": None,  # every encoder block trains
+    "grad_checkpointing": False,
 }
 
 # End to end, per task type: the authors' ResNet-18 configs (r18_brca_subtyping, r18_panda,
@@ -122,11 +126,13 @@ TWOSTAGE_RECIPE: dict[str, dict[str, Any]] = {
     "survival": {"optimizer": "adamw", "lr": 2e-4, "weight_decay": 0.0, "epochs": 30,
                  "patience": 10, "min_epochs": 30},
 }
+# On foundation-model features B.3 lowers the learning rate to 1e-4 (every task type).
+TWOSTAGE_FM_RECIPE: dict[str, Any] = {"lr": 1e-4}
 TWOSTAGE_AGGREGATOR_KW: dict[str, dict[str, dict[str, Any]]] = {
     t: {"*": {"inner_dim": 512}} for t in TWOSTAGE_RECIPE}
 # Full bags of frozen features: nothing is sampled, augmented, cropped or averaged.
 TWOSTAGE_FIXED = {"batch_size": 1, "augment": None, "eval_crop": None, "ema": None, "sampling": None,
-                  "n_instances": None, "input_size": None}
+                  "n_instances": None, "input_size": None, "trainable_blocks": None, "grad_checkpointing": False}
 MERGED = ("aggregator_kw", "augment", "sampling")
 
 
@@ -149,15 +155,21 @@ def declared_methods(config: dict) -> dict[str, dict[str, Any]]:
     """Every method of the config — its own keys on top of its family's defaults — the sweeps'
     generated ones included, by name, with `family` and `name` set (task-independent)."""
     methods: dict[str, dict[str, Any]] = {}
+    gone = {"encoder": "encoders: [NAME]", "weights": "encoders.<NAME>.weights (the config's encoders section)",
+            "input_size": "encoders.<NAME>.input_size"}
+    for key, instead in gone.items():
+        if key in config["twostage"]:
+            raise ConfigError(f"config twostage.{key} is gone: features come from every encoder of twostage.encoders; "
+                              f"use {instead}")
     for family in FAMILIES:
         section = config[family]
         for name, own in section["methods"].items():
             if name in methods:
                 raise ConfigError(f"config: method name {name!r} is used by both e2e and twostage; method "
                                   "names must be unique (they name result folders and table rows)")
-            if family == "twostage" and "encoder" in own:
-                raise ConfigError(f"config twostage.methods.{name}: set the encoder once in twostage.encoder "
-                                  "(features are shared by all two-stage methods)")
+            if family == "twostage" and "weights" in {**section["defaults"], **own}:
+                raise ConfigError(f"config twostage.methods.{name}: features are shared by all two-stage methods of "
+                                  "an encoder; set the weights once, in encoders.<NAME>.weights")
             methods[name] = {**_merge(section["defaults"], own), "family": family, "name": name}
     for sweep, spec in config.get("sweeps", {}).items():
         for name, method in expand_sweep(sweep, spec, methods).items():
@@ -168,10 +180,6 @@ def declared_methods(config: dict) -> dict[str, dict[str, Any]]:
         missing = [k for k in ("encoder", "aggregator") if k not in spec and spec["family"] == "e2e"]
         if missing or "aggregator" not in spec:
             raise ConfigError(f"config {spec['family']}.methods.{name}: missing {', '.join(missing or ['aggregator'])}")
-        if spec.get("weights") == "auto":
-            raise ConfigError(f"config method {name!r}: weights: auto is gone (it fell back to random init without "
-                              "a word); use imagenet (fetched once into the torch cache), a weights file, or null "
-                              "for random init")
     return methods
 
 
@@ -234,28 +242,65 @@ def _check(name: str, spec: dict[str, Any]) -> None:
                           f"({', '.join(METRICS[spec['task_type']])})")
 
 
-def resolve_method(own: dict[str, Any], task: dict[str, Any], twostage: dict[str, Any] | None = None) -> dict[str, Any]:
+def method_encoder(own: dict[str, Any], twostage: dict[str, Any] | None,
+                   encoders: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+    """A method's encoder preset (as the config changes it) and the weights it loads."""
+    name, family = own["name"], own["family"]
+    if family == "twostage":
+        if twostage is None:
+            raise ConfigError(f"method {name!r}: a two-stage method needs the config's twostage section")
+        encoder = own.get("encoder", twostage["encoders"][0])
+        if encoder not in twostage["encoders"]:
+            raise ConfigError(f"config twostage.methods.{name}: encoder {encoder!r} is not in twostage.encoders "
+                              f"{twostage['encoders']}; add it there (its features are extracted once for all methods)")
+    else:
+        encoder = own["encoder"]
+    if encoder not in encoders:
+        raise ConfigError(f"config method {name!r}: encoder {encoder!r} is neither a preset nor in the config's "
+                          f"encoders section; presets and yours: {', '.join(encoders)} (`python -m e2epath encoders`)")
+    enc = encoders[encoder]
+    weights = own.get("weights", enc["weights"])
+    try:
+        check_weights(enc, weights, f"config method {name!r}")
+    except EncoderError as err:
+        raise ConfigError(str(err)) from err
+    if weights != enc["weights"] and isinstance(weights, str) and weights.startswith("hf:"):
+        raise ConfigError(f"config method {name!r}: Hugging Face weights belong to the encoder: set them in "
+                          f"encoders.{encoder}.weights")
+    return enc, weights
+
+
+def job_encoder_spec(enc: dict[str, Any]) -> dict[str, Any]:
+    """What a job needs of an encoder preset (not its weights, licence or source: the weights are
+    the method's own key, and prose must not rerun jobs)."""
+    return {k: v for k, v in enc.items() if k not in ("weights", "licence", "source")}
+
+
+def resolve_method(own: dict[str, Any], task: dict[str, Any], twostage: dict[str, Any] | None = None,
+                   encoders: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """One method's hyper-parameters for one task. `own` is the declared method (its keys over its
     family's defaults, with `family` and `name`); `task` the task's config (`type`, `n_bins`, and
-    optionally `bag`, `select_on`, `oversample`); `twostage` the config's `twostage` section (encoder, weights,
-    magnification) for two-stage methods."""
+    optionally `bag`, `select_on`, `oversample`); `twostage` the config's `twostage` section (encoders,
+    magnification) for two-stage methods; `encoders` the presets with the config's changes
+    (`presets.resolve_encoders`; default: the presets as they are)."""
     task_type = task["type"]
     task_keys = {**TASK_DEFAULTS[task_type], **{k: task[k] for k in TASK_KEYS if k in task},
                  "task_type": task_type}
     if task_type == "survival":  # only survival has time bins; other tasks' jobs do not depend on them
         task_keys["n_bins"] = task["n_bins"]  # the schema's default fills it in
     name, family = own["name"], own["family"]
+    enc, weights = method_encoder(own, twostage, resolve_encoders({}) if encoders is None else encoders)
+    preset = {"input_size": enc["input_size"]}
     if family == "e2e":
         recipe, kw = E2E_RECIPE[task_type], E2E_AGGREGATOR_KW[task_type]
-        by_encoder = E2E_ENCODER_RECIPE[task_type].get(own.get("encoder"), {})
+        by_encoder = E2E_ENCODER_RECIPE[task_type].get(enc["name"], {})
     else:
-        if twostage is None:
-            raise ConfigError(f"method {name!r}: a two-stage method needs the config's twostage section")
-        recipe, kw, by_encoder = TWOSTAGE_RECIPE[task_type], TWOSTAGE_AGGREGATOR_KW[task_type], {}
-        own = {**own, **{k: twostage[k] for k in ("encoder", "weights")},
-               "eval_magnification": twostage["magnification"]}
+        recipe, kw = TWOSTAGE_RECIPE[task_type], TWOSTAGE_AGGREGATOR_KW[task_type]
+        by_encoder = TWOSTAGE_FM_RECIPE if enc["foundation"] else {}
+        own = {**own, "eval_magnification": twostage["magnification"]}
     agg_kw = {**kw.get("*", {}), **kw.get(own["aggregator"], {})}
-    spec = _merge(GENERIC, recipe, {"aggregator_kw": agg_kw}, by_encoder, own, task_keys)
+    spec = _merge(GENERIC, preset, recipe, {"aggregator_kw": agg_kw}, by_encoder, own, task_keys)
+    spec.update(encoder=enc["name"], weights=weights, encoder_spec=job_encoder_spec(enc))
     if family == "twostage":
         spec.update(TWOSTAGE_FIXED)
     elif "eval_magnification" not in own:
@@ -268,8 +313,32 @@ def resolve_method(own: dict[str, Any], task: dict[str, Any], twostage: dict[str
 def resolve(config: dict) -> dict[str, dict[str, dict[str, Any]]]:
     """task → method → the hyper-parameters its training jobs receive."""
     methods = declared_methods(config)
-    return {task: {name: resolve_method(own, tcfg, config["twostage"]) for name, own in methods.items()}
+    try:
+        encoders = resolve_encoders(config)
+    except EncoderError as err:
+        raise ConfigError(str(err)) from err
+    return {task: {name: resolve_method(own, tcfg, config["twostage"], encoders) for name, own in methods.items()}
             for task, tcfg in config["tasks"].items()}
+
+
+def feature_encoders(config: dict) -> dict[str, dict[str, Any]]:
+    """The encoders of twostage.encoders as their features are extracted: preset with the
+    config's changes (weights included), by name."""
+    try:
+        encoders = resolve_encoders(config)
+    except EncoderError as err:
+        raise ConfigError(str(err)) from err
+    out = {}
+    for name in config["twostage"]["encoders"]:
+        if name not in encoders:
+            raise ConfigError(f"config twostage.encoders: {name!r} is neither a preset nor in the config's encoders "
+                              f"section; presets and yours: {', '.join(encoders)}")
+        try:
+            check_weights(encoders[name], encoders[name]["weights"], f"config encoders.{name}")
+        except EncoderError as err:
+            raise ConfigError(str(err)) from err
+        out[name] = encoders[name]
+    return out
 
 
 def magnifications_used(spec: dict[str, Any]) -> list[int]:

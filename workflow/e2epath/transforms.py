@@ -2,7 +2,8 @@
 
 Training, evaluation of a full bag and two-stage feature extraction all call
 :func:`resized_crops`: crop a box out of each uint8 patch [N, H, W, 3], flip it, resize it to the
-encoder's input size (bilinear) and normalise it with ImageNet RGB statistics, in one batched
+encoder's input size (bilinear) and normalise it with the encoder's RGB statistics (ImageNet's
+unless its preset says otherwise, `e2epath.presets`), in one batched
 `grid_sample` on the device the model runs on. Training draws RandomResizedCrop boxes with optional
 flips and shifts (:func:`crop_boxes`, geometric augmentation only); evaluation takes the centre crop
 of the input size or the whole patch (:func:`eval_boxes`), features the whole patch
@@ -16,19 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from .presets import IMAGENET_MEAN, IMAGENET_STD
+
+Stats = tuple[float, float, float] | list[float]
 # RandomResizedCrop's aspect ratio range (torchvision's); its area range is the recipe's crop_scale.
 CROP_ASPECT = (3 / 4, 4 / 3)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [..., H, W, 3] → ImageNet-normalised float [..., 3, H, W] on x's device.
+def normalize(x: torch.Tensor, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
+    """uint8 RGB [..., H, W, 3] → float [..., 3, H, W] on x's device, normalised with ``mean`` and
+    ``std`` (RGB, 0-1 scale; ImageNet's by default).
 
     The result is a permuted view of NHWC memory, i.e. channels_last for 4-d input.
     """
-    mean = torch.as_tensor(IMAGENET_MEAN * 255, device=x.device)
-    inv_std = torch.as_tensor(1 / (IMAGENET_STD * 255), device=x.device)
+    mean = torch.as_tensor(np.asarray(mean, np.float32) * 255, device=x.device)
+    inv_std = torch.as_tensor(1 / (np.asarray(std, np.float32) * 255), device=x.device)
     y = (x.float() - mean) * inv_std
     return y.movedim(-1, -3)
 
@@ -70,9 +73,10 @@ def eval_boxes(n: int, h: int, w: int, size: int, crop: str) -> torch.Tensor:
     return torch.tensor([[(w - cw) // 2, (h - ch) // 2, cw, ch, 0, 0]], dtype=torch.float32).repeat(n, 1)
 
 
-def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "border") -> torch.Tensor:
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "border",
+                  mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
     """Crop ``boxes`` out of uint8 patches [N, H, W, 3], flip, resize to ``size`` (bilinear) and
-    normalise: float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag.
+    normalise (``mean``, ``std``): float [N, 3, size, size] on x's device. One batched `grid_sample` for the bag.
     Where a box reaches past its patch, ``fill`` `border` repeats the edge, `black` fills black
     (a shifted patch, as an affine translation of the image would)."""
     n, h, w = x.shape[:3]
@@ -88,11 +92,12 @@ def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "
     if fill == "black":  # sample the pixels (zero outside = black), then normalise
         raw = F.grid_sample(x.float().movedim(-1, -3), grid, mode="bilinear", padding_mode="zeros",
                             align_corners=False)
-        return normalize(raw.movedim(-3, -1))
-    return F.grid_sample(normalize(x), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return normalize(raw.movedim(-3, -1), mean, std)
+    return F.grid_sample(normalize(x, mean, std), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def model_inputs(x: torch.Tensor, size: int, crop: str) -> torch.Tensor:
+def model_inputs(x: torch.Tensor, size: int, crop: str, mean: Stats = IMAGENET_MEAN,
+                 std: Stats = IMAGENET_STD) -> torch.Tensor:
     """uint8 patches [N, H, W, 3] → normalised float [N, 3, size, size] on x's device: the whole
     patch resized (features), or its centre crop (`crop="center"`, E2E evaluation)."""
-    return resized_crops(x, eval_boxes(len(x), *x.shape[1:3], size, crop), size)
+    return resized_crops(x, eval_boxes(len(x), *x.shape[1:3], size, crop), size, mean=mean, std=std)

@@ -35,8 +35,7 @@ METRIC_LABELS = {"auc": "AUC", "accuracy": "Acc.", "balanced_accuracy": "Bal. Ac
 FAMILIES = ("e2e", "twostage")
 FAMILY_LABELS = {"e2e": "E2E", "twostage": "two-stage"}
 
-# Patch encoders (torchvision ResNets cut after layer3) and MIL aggregators a method may name.
-ENCODERS = ("resnet18", "resnet50")
+# MIL aggregators a method may name (encoders: e2epath.presets, and a config's own).
 AGGREGATORS = ("abmilx", "abmil", "abmil_gated", "transmil", "dsmil", "mean")
 
 

@@ -2,6 +2,7 @@
 # Paths come from e2epath.layout, names (ids, magnifications, encoders) from e2epath.vocabulary.
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from e2epath import layout, shards, sheets  # noqa: E402
 from e2epath.devices import candidate_devices  # noqa: E402
-from e2epath.methods import ConfigError, magnifications_used, resolve  # noqa: E402
-from e2epath.vocabulary import ENCODERS, FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
+from e2epath.methods import ConfigError, feature_encoders, job_encoder_spec, magnifications_used, resolve  # noqa: E402
+from e2epath.presets import resolve_encoders, weights_source  # noqa: E402
+from e2epath.vocabulary import FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -35,8 +37,10 @@ TASKS = config["tasks"]
 MAGS = config["preprocess"]["magnifications"]
 try:
     RESOLVED = resolve(config)  # task → method → the hyper-parameters its jobs receive (e2epath.methods)
+    FEATURE_ENCODERS = feature_encoders(config)  # twostage.encoders → preset with the config's changes
 except ConfigError as err:
     raise WorkflowError(str(err))
+ENCODER_SPECS = resolve_encoders(config)  # every encoder a job may name (presets and the config's own)
 FAMILY = {name: spec["family"] for specs in RESOLVED.values() for name, spec in specs.items()}
 for task, specs in RESOLVED.items():
     for name, spec in specs.items():
@@ -80,7 +84,8 @@ wildcard_constraints:
     fold=r"\d+",
     method=ID_PATTERN,
     family="|".join(FAMILIES),
-    encoder="|".join(ENCODERS),
+    encoder="|".join(re.escape(name) for name in ENCODER_SPECS),
+    source="|".join(layout.WEIGHTS_SOURCES),
 
 
 def slide_path(wildcards):
@@ -168,16 +173,47 @@ def run_files(task, name):
 
 
 def weights_input(weights, encoder):
-    """What an encoder's weights make a job depend on: the imagenet_weights job, a weights file
-    (a new file reruns the job), or nothing (random initialisation)."""
-    if weights == "imagenet":
-        return [layout.IMAGENET_WEIGHTS.format(encoder=encoder)]
+    """What an encoder's weights make a job depend on: the encoder_weights job's record (imagenet,
+    hf: ids), a weights file (a new file reruns the job), or nothing (random initialisation)."""
+    source = weights_source(weights)
+    if source in layout.WEIGHTS_SOURCES:
+        return [layout.WEIGHTS_RECORD.format(source=source, encoder=encoder)]
     return [] if weights is None else [weights]
 
 
 def method_weights(wildcards):
     spec = method_spec(wildcards)
     return weights_input(spec["weights"], spec["encoder"]) if spec["family"] == "e2e" else []
+
+
+def record_weights(wildcards):
+    """The weights an encoder_weights job records: imagenet, or the encoder's hf: id."""
+    return "imagenet" if wildcards.source == "imagenet" else ENCODER_SPECS[wildcards.encoder]["weights"]
+
+
+def feature_encoder_json(wildcards):
+    """The encoder's preset as a plain value: changing it reruns only its feature jobs."""
+    return json.dumps(job_encoder_spec(FEATURE_ENCODERS[wildcards.encoder]), sort_keys=True)
+
+
+def feature_weights(wildcards):
+    return str(FEATURE_ENCODERS[wildcards.encoder]["weights"])  # "None": random init
+
+
+def feature_memory(wildcards, attempt):
+    """A feature job's memory: a foundation model's checkpoint is gigabytes (ViT-g: 4.5 GB in fp32)."""
+    return (16000 if FEATURE_ENCODERS[wildcards.encoder]["foundation"] else 8000) * attempt
+
+
+def feature_pretrained(wildcards):
+    return weights_input(FEATURE_ENCODERS[wildcards.encoder]["weights"], wildcards.encoder)
+
+
+def method_features(wildcards):
+    """The feature files (or shard tables) of a two-stage method's encoder."""
+    spec = method_spec(wildcards)
+    return per_unit(layout.FEATURES, layout.SHARD_TABLES["features"], encoder=spec["encoder"],
+                    mag=config["twostage"]["magnification"])
 
 
 def all_outputs():

@@ -30,6 +30,7 @@ rule evaluate:
 rule tables:
     input:
         metrics=layout.METRICS,
+        runs=lambda w: run_files(w.task, "run"),  # which encoder weights each method used
     output:
         md_out=report(layout.TABLE_MD, caption="../report/table.rst", category="Tables"),
         tex_out=layout.TABLE_TEX,

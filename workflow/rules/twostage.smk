@@ -1,8 +1,7 @@
-# Two-stage baseline: frozen-encoder features per slide, then MIL on full bags, same splits.
+# Two-stage baseline: frozen-encoder features per slide and encoder (twostage.encoders), then MIL
+# on full bags, same splits.
 
 TS = config["twostage"]
-TS_FEATURES = per_unit(layout.FEATURES, layout.SHARD_TABLES["features"], encoder=TS["encoder"],
-                       mag=TS["magnification"])
 
 
 if not SHARDS:
@@ -10,15 +9,14 @@ if not SHARDS:
     rule extract_features:
         input:
             rows=lambda w: expand(layout.PATCH_ROW, mag=fallback_mags(w), slide=w.slide),
-            pretrained=lambda w: weights_input(TS["weights"], w.encoder),
+            pretrained=feature_pretrained,  # the encoder_weights record, or the weights file
         output:
             out=layout.FEATURES,
         params:
             step="extract_features",
-            encoder="{encoder}",
+            encoder=feature_encoder_json,  # the preset as JSON (changes rerun only its features)
             magnification="{mag}",
-            weights=str(TS["weights"]),  # imagenet, a file, or "None" (random init): e2epath.models.build_encoder
-            input_size=TS["input_size"],
+            weights=feature_weights,  # imagenet, hf:..., a file, or "None" (random init): e2epath.models.build_encoder
             batch_size=TS["batch_size"],
             seed=config["seed"],
             workers=lambda w, threads: threads,  # JPEG decoding overlaps the encoder
@@ -30,7 +28,7 @@ if not SHARDS:
             "../../envs/train.yaml"
         threads: SLIDE_THREADS
         resources:
-            mem_mb=per_attempt(8000),
+            mem_mb=feature_memory,
             runtime=MINUTES_PER_SLIDE["extract_features"],
             gpu=GPU,
         script:
@@ -42,15 +40,14 @@ else:
     rule extract_features_shard:
         input:
             rows=lambda w: expand(layout.SHARD_TABLES["patch"], mag=fallback_mags(w), shard=w.shard),
-            pretrained=lambda w: weights_input(TS["weights"], w.encoder),
+            pretrained=feature_pretrained,  # the encoder_weights record, or the weights file
         output:
             out=layout.SHARD_TABLES["features"],
         params:
             step="extract_features_shard",
-            encoder="{encoder}",
+            encoder=feature_encoder_json,  # the preset as JSON (changes rerun only its features)
             magnification="{mag}",
-            weights=str(TS["weights"]),
-            input_size=TS["input_size"],
+            weights=feature_weights,
             batch_size=TS["batch_size"],
             seed=config["seed"],
             workers=lambda w, threads: threads,
@@ -64,7 +61,7 @@ else:
             "../../envs/train.yaml"
         threads: SLIDE_THREADS
         resources:
-            mem_mb=per_attempt(8000),
+            mem_mb=feature_memory,
             runtime=shard_runtime("extract_features"),
             gpu=GPU,
         script:
@@ -76,7 +73,7 @@ rule train_mil:
         splits=layout.SPLITS,
         labels=lambda w: TASKS[w.task]["labels"],
         slides=layout.QC_TABLE,
-        features=TS_FEATURES,
+        features=method_features,
     output:
         model=layout.run_file("model", family="twostage"),
         history=layout.run_file("history", family="twostage"),

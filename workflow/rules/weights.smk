@@ -1,20 +1,23 @@
-# Pretrained encoder weights: torchvision's ImageNet checkpoints, fetched once into the torch cache
-# before any job trains (on the submit host, which is online where compute nodes are not).
+# Encoder checkpoints recorded (path, sha256) once before any job uses them: torchvision's ImageNet
+# weights, fetched into the torch cache (on the submit host, which is online where compute nodes are
+# not), and files of the local Hugging Face cache (never downloaded).
 
 localrules:
-    imagenet_weights,
+    encoder_weights,
 
 
-rule imagenet_weights:
+rule encoder_weights:
     output:
-        out=layout.IMAGENET_WEIGHTS,
+        out=layout.WEIGHTS_RECORD,
     params:
-        step="imagenet_weights",
+        step="encoder_weights",
         encoder="{encoder}",
+        arch=lambda w: ENCODER_SPECS[w.encoder]["arch"],
+        weights=record_weights,
     log:
-        "results/logs/imagenet_weights/{encoder}.log",
+        "results/logs/encoder_weights/{source}/{encoder}.log",
     benchmark:
-        "results/benchmarks/imagenet_weights/{encoder}.tsv"
+        "results/benchmarks/encoder_weights/{source}/{encoder}.tsv"
     conda:
         "../../envs/train.yaml"
     resources:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_bytes
+from ..layout import read_encoders
 from ..vocabulary import METRIC_LABELS
 from .evaluation import primary_unit
 
@@ -114,6 +115,18 @@ def to_latex(table: pd.DataFrame, decimals: int = 1, caption: str = "", label: s
     return "\n".join(lines) + "\n"
 
 
+def weights_markdown(encoders: dict[str, dict]) -> str:
+    """The encoder and checkpoint (sha256) behind each method, under the table."""
+    if not encoders:
+        return ""
+    lines = ["", "Encoder weights:", "", "| Method | Encoder | Weights | sha256 |", "|---|---|---|---|"]
+    for method, rec in sorted(encoders.items()):
+        sha = rec.get("sha256")
+        lines.append(f"| {method} | {rec.get('name') or ''} | {rec.get('weights') or 'random init'} | "
+                     f"{sha[:16] + '…' if sha else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def _write_text(text: str, path: Path) -> None:
     write_bytes(path, text.encode("utf-8"))
 
@@ -125,6 +138,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--tex-out", required=True, type=Path)
     ap.add_argument("--decimals", type=int, default=1, help="decimals of the ×100 values")
     ap.add_argument("--caption", default=None, help="LaTeX caption (default names the task)")
+    ap.add_argument("--runs", nargs="+", required=True, type=Path,
+                    help="the runs' run.json: the encoder weights of each method are listed under the table")
     args = ap.parse_args(argv)
     task = args.metrics.stem
     try:
@@ -134,7 +149,12 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     unit = primary_unit(pd.read_csv(args.metrics, sep="\t", usecols=["unit"]))
     caption = args.caption or f"{task}: pooled test results per {unit}, bootstrap mean [95% CI] ×100; best in bold."
-    _write_text(to_markdown(table, args.decimals), args.md_out)
+    try:
+        encoders = read_encoders(args.runs)
+    except (OSError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    _write_text(to_markdown(table, args.decimals) + weights_markdown(encoders), args.md_out)
     _write_text(to_latex(table, args.decimals, caption, f"tab:{task}"), args.tex_out)
     logger.info("task %s: table of %d methods × %d metrics → %s, %s", task, len(table),
                 table.shape[1], args.md_out, args.tex_out)

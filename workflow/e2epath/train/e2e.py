@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..data import Bag, MultiScaleBagDataset, collate_bags, iter_full_bag, load_bags
 from ..models import build_aggregator, build_encoder
 from ..models.encoders import weights_record
-from ..transforms import model_inputs, resized_crops
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, resized_crops
 from . import job as training
 from .tasks import Task
 
@@ -49,11 +49,17 @@ class E2EModel(nn.Module):
         return self.aggregator(feats, mask=mask)
 
 
+def stats(spec: dict) -> tuple:
+    """The encoder's normalisation (mean, std), ImageNet's for a spec without a preset."""
+    enc = spec.get("encoder_spec") or {}
+    return tuple(enc.get("mean", IMAGENET_MEAN)), tuple(enc.get("std", IMAGENET_STD))
+
+
 def sampled_batches(dataset: MultiScaleBagDataset, spec: dict, dev: torch.device):
     """(epoch, bag order) → iterator of ((augmented, normalised bags [B, S, 3, size, size] on
     ``dev``, mask [B, S] or None), targets). Workers decode; cropping, flipping, shifting,
     resizing and normalising run batched on ``dev``."""
-    size = spec["input_size"]
+    size, (mean, std) = spec["input_size"], stats(spec)
     fill = "black" if spec["augment"]["translate"] > 0 else "border"
 
     def batches(epoch: int, order: np.ndarray):
@@ -63,7 +69,8 @@ def sampled_batches(dataset: MultiScaleBagDataset, spec: dict, dev: torch.device
                             prefetch_factor=2 if spec["workers"] else None)
         for patches, boxes, target, _, mask in loader:
             b, s = patches.shape[:2]
-            x = resized_crops(patches.to(dev, non_blocking=True).flatten(0, 1), boxes.flatten(0, 1), size, fill)
+            x = resized_crops(patches.to(dev, non_blocking=True).flatten(0, 1), boxes.flatten(0, 1), size, fill,
+                              mean, std)
             yield (x.view(b, s, *x.shape[1:]), None if mask is None else mask.to(dev)), target
     return batches
 
@@ -72,6 +79,7 @@ def full_bag_predictor(task: Task, bags: dict[str, Bag], spec: dict, dev: torch.
     """(model, bag ids) → (predictions, attention per slide), all patches of the eval
     magnification, each its centre crop (or whole: ``eval_crop``) at the input size."""
     mag, size, chunk, crop = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"], spec["eval_crop"]
+    mean, std = stats(spec)
     units = {u: b.case_id for u, b in bags.items()}
 
     @torch.no_grad()
@@ -82,7 +90,7 @@ def full_bag_predictor(task: Task, bags: dict[str, Bag], spec: dict, dev: torch.
             feats, parts = [], []
             for slide, coords, x in iter_full_bag(bags[unit], mag, chunk):
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    feats.append(model.encode(model_inputs(x.to(dev), size, crop)).float())
+                    feats.append(model.encode(model_inputs(x.to(dev), size, crop, mean, std)).float())
                 parts.append((slide, coords))
             if not feats:
                 raise RuntimeError(f"{spec['bag']} {unit}: no patches at {mag}x for evaluation")
@@ -114,7 +122,13 @@ class EndToEnd(training.Family):
 
     def build(self, task, dev):
         spec = self.spec
-        encoder = build_encoder(spec["encoder"], spec["weights"], seed=self.job.seed)  # the same in every fold
+        enc = spec.get("encoder_spec") or spec["encoder"]  # the preset as the config changes it
+        encoder = build_encoder(enc, spec["weights"], seed=self.job.seed)  # the same in every fold
+        encoder.set_trainable_blocks(spec.get("trainable_blocks"))
+        if spec.get("grad_checkpointing"):
+            encoder.set_grad_checkpointing(True)
+            logger.info("encoder %s: gradient checkpointing on (activations recomputed in the backward pass)",
+                        spec["encoder"])
         aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, task.n_outputs, **spec["aggregator_kw"])
         model = E2EModel(encoder, aggregator).to(dev)
         if dev.type == "cuda":
@@ -148,8 +162,9 @@ class EndToEnd(training.Family):
         return self.dataset.bag_size
 
     def model_extras(self, task):
-        return {**super().model_extras(task), "encoder_weights": weights_record(self.spec["weights"],
-                                                                                list(self.job.pretrained))}
+        weights = weights_record(self.spec["weights"], list(self.job.pretrained))
+        return {**super().model_extras(task), "encoder_weights": weights,
+                "encoder": {"name": self.spec["encoder"], **weights}}
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -273,5 +273,5 @@ def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, p
     with atomic_path(out["model"]) as tmp:
         torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch,
                     "weights": result.best_weights, **extras}, tmp)
-    job.run.write()
+    job.run.write(extras.get("encoder"))
     return preds

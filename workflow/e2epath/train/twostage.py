@@ -20,10 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: set[str],
-                      unit: str = "case") -> tuple[dict[str, tuple[torch.Tensor, list]], dict[str, str]]:
+                      unit: str = "case", encoders: dict | None = None
+                      ) -> tuple[dict[str, tuple[torch.Tensor, list]], dict[str, str]]:
     """(bag → (features [N, D] float32, [(slide, coords)]), bag → case) from the per-slide feature
     files, or from shard tables (JSON) listing them; one bag per case (its slides in slide-id
-    order) or per slide (``unit``)."""
+    order) or per slide (``unit``). ``encoders``, when given, collects each file's encoder record
+    (name and weights) by checkpoint hash: features of one bag set must come from one checkpoint."""
     case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
     files = [p for p in paths if not str(p).endswith(".json")]
     files += [r["path"] for r in read_records(p for p in paths if str(p).endswith(".json"))]
@@ -31,6 +33,9 @@ def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: se
     units: dict[str, str] = {}
     for path in sorted(files, key=lambda p: Path(p).name):
         rec = torch.load(path, map_location="cpu", weights_only=True)
+        if encoders is not None and rec.get("encoder_weights") is not None:
+            weights = {"name": rec.get("encoder"), **rec["encoder_weights"]}
+            encoders.setdefault(weights.get("sha256"), weights)
         case = case_of.get(rec["slide_id"])
         if case not in cases:
             continue
@@ -49,7 +54,14 @@ class TwoStage(training.Family):
 
     def load(self, cases):
         # inputs: feature files / shard tables
-        self.bags, self.units = load_feature_bags(self.job.slides, self.inputs, set(cases), self.spec["bag"])
+        encoders: dict = {}
+        self.bags, self.units = load_feature_bags(self.job.slides, self.inputs, set(cases), self.spec["bag"],
+                                                  encoders)
+        if len(encoders) > 1:
+            raise ValueError(f"the feature files of {self.spec['encoder']} come from {len(encoders)} different "
+                             f"checkpoints ({', '.join(str(e.get('path')) for e in encoders.values())}); rerun "
+                             "its extract_features jobs")
+        self.encoder = next(iter(encoders.values()), {"name": self.spec["encoder"], "weights": None})
         return dict(self.units), set(self.bags)
 
     def build(self, task, dev):
@@ -85,7 +97,7 @@ class TwoStage(training.Family):
         return self.mean_n
 
     def model_extras(self, task):
-        return {**super().model_extras(task), "in_dim": self.in_dim}
+        return {**super().model_extras(task), "in_dim": self.in_dim, "encoder": self.encoder}
 
 
 def cli(argv: list[str] | None = None) -> int:
