@@ -40,6 +40,7 @@ STAGE_OF = {
     "e2epath.methods": "train", "e2epath.metrics": "train", "e2epath.train": "train",
     "e2epath.evaluate": "evaluate",
     "e2epath.figures": "figures",
+    "e2epath.predict": "figures",  # deployment: preprocessing, a trained model and the attention maps
 }
 
 

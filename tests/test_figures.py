@@ -217,7 +217,7 @@ def test_attention_raster_puts_max_on_the_hottest_patch(slides):
     npz = {k: v for k, v in att.items()}
     coords = npz["S-b__coords"]
     assert heatmaps.infer_patch_size(coords) == PATCH
-    scores = heatmaps.minmax(npz["S-b"].astype(float).mean(0))
+    scores = heatmaps.percentile(npz["S-b"].astype(float).mean(0))
     raster = heatmaps.attention_raster(coords, scores, PATCH, rgb.shape[:2], ds)
     y, x = np.unravel_index(np.nanargmax(raster), raster.shape)
     x0, y0 = coords[57]
@@ -225,6 +225,13 @@ def test_attention_raster_puts_max_on_the_hottest_patch(slides):
     # off the patch grid (background) nothing is drawn
     assert np.isnan(raster[0, 0]) and np.isnan(raster[-1, -1])
     assert np.nanmax(raster) == 1.0 and np.nanmin(raster) == 0.0
+
+
+def test_percentile_scale_is_rank_based_with_shared_ties():
+    got = heatmaps.percentile(np.array([5.0, 1e9, 1.0, 5.0, 3.0]))
+    np.testing.assert_allclose(got, [2.5 / 4, 1.0, 0.0, 2.5 / 4, 1 / 4])  # an outlier does not squash the rest
+    assert heatmaps.percentile(np.array([2.0, 2.0])).tolist() == [0.5, 0.5]
+    assert heatmaps.percentile(np.array([7.0])).tolist() == [0.5]
 
 
 def test_unreadable_slide_is_left_out_of_the_attention_figure(tmp_path, slides):
@@ -342,3 +349,27 @@ def test_a_run_without_its_identifiers_is_a_clear_error(tmp_path, slides, caplog
     with caplog.at_level(logging.ERROR):
         assert cli_task(_argv(fx, "subtype", "classification", slides)) == 2
     assert f"{broken}: run.json lacks task_type, fold" in caplog.text
+
+
+def test_a_slide_map_of_a_hundred_thousand_patches_stays_small(tmp_path):
+    """10^5 patches of a 100,000 px slide at 0.25 µm/px: the 8 µm/px map and the GeoJSON are made
+    without a full-resolution raster or an in-memory feature list."""
+    import json
+    import tracemalloc
+
+    n, side = 100_000, 256
+    grid = np.stack(np.meshgrid(np.arange(316), np.arange(317)), -1).reshape(-1, 2)[:n] * side
+    scores = np.random.default_rng(0).random(n)
+    ds = 8.0 / 0.25  # level-0 px per map px
+    shape = (int(100_000 / ds), int(100_000 / ds))
+    tracemalloc.start()
+    rgb = heatmaps.render_attention(np.full((*shape, 3), 230, np.uint8), (ds, ds), grid, scores, side,
+                                    contours=[[[0, 0], [80_000, 0], [80_000, 80_000], [0, 0]]])
+    heatmaps.write_geojson(tmp_path / "big.geojson", grid, side, {"attention mean": scores})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rgb.shape == (*shape, 3)
+    assert peak < 400e6, peak  # a level-0 raster would be 30 GB
+    geo = json.loads((tmp_path / "big.geojson").read_text())
+    assert len(geo["features"]) == n
+    assert geo["features"][-1]["properties"]["measurements"]["attention mean"] == pytest.approx(scores[-1])

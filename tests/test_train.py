@@ -65,10 +65,16 @@ def cohort(tmp_path_factory) -> dict:
     return paths
 
 
+# What a training rule passes as --preprocess (recorded in model files for `predict`).
+PREPROCESS = {"patch_size": 64, "min_tissue": 0.5, "mpp_tolerance": 0.1, "allow_upsample": False, "jpeg_quality": 90,
+              "tissue": {"preset": "biopsy", "seg_mpp": 8.0}}
+
+
 def cli_args(cohort: dict, out: Path, spec: dict, task: str = "subtype", fold: int = 0) -> list[str]:
     labels = cohort["labels"] if task == "subtype" else cohort["survival"]
     return ["--splits", str(cohort[f"splits_{task}"]), "--labels", str(labels), "--slides", str(cohort["slides"]),
             "--task", task, "--fold", str(fold), "--spec", json.dumps(spec), "--seed", "0",
+            "--preprocess", json.dumps(PREPROCESS),
             "--rows", *map(str, cohort["rows"]),
             *[x for name, file in RUN_FILES.items() for x in (f"--{name}", str(out / file))]]
 

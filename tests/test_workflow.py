@@ -435,3 +435,114 @@ def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
         metrics = pd.read_csv(run / "results/metrics/subtype.tsv", sep="\t")
         assert {"ts_abmil", "ts_vit_abmil"} <= set(metrics["method"])
         assert planned(run, config) == {}
+
+
+def test_predict_on_raw_slides_equals_the_workflows_predictions(run, tmp_path, caplog):
+    """`python -m e2epath predict` on a raw demo slide, with the fold model that tested it, gives
+    the workflow's prediction and attention; with both fold models, their mean; a two-stage model
+    too. Its map, montage and QuPath GeoJSON describe the same patches."""
+    import logging
+
+    import cv2
+    import numpy as np
+    import torch
+
+    from e2epath import predict
+
+    qc = pd.read_csv(run / "results/slides.tsv", sep="\t", dtype={"slide_id": str}).set_index("slide_id")
+    folder = run / "results/e2e/subtype/r18_abmilx"
+    preds = pd.read_csv(folder / "fold0/predictions.tsv", sep="\t", dtype={"slide_id": str})
+    slide = next(s for s in preds["slide_id"] if qc.loc[s, "mpp_source"] != "sheet")
+    path = qc.loc[slide, "path"]
+    out = tmp_path / "one"
+    assert predict.cli(["--model", str(folder / "fold0/model.pt"), "--out", str(out), path]) == 0
+    got = pd.read_csv(out / f"{slide}.predictions.tsv", sep="\t")
+    want = preds.set_index("slide_id").loc[slide]
+    probs = [c for c in preds.columns if c.startswith("prob_")]
+    assert list(got["model"]) == [str(folder / "fold0/model.pt"), "ensemble"]
+    np.testing.assert_allclose(got[probs].to_numpy(float), [want[probs].to_numpy(float)] * 2, atol=1e-5)
+    summary = json.loads((out / f"{slide}.json").read_text())
+    assert summary["status"] == "ok" and summary["predicted_class"] in [p.removeprefix("prob_") for p in probs]
+    # attention: the workflow's attention.npz for this slide, head by head
+    with np.load(folder / "fold0/attention.npz") as npz:
+        ref, ref_xy = npz[slide], npz[f"{slide}__coords"]
+    geo = json.loads((out / f"{slide}.attention.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == summary["n_patches"] == len(ref_xy)
+    heads = ref.shape[0]
+    names = [f"attention head {h + 1}" for h in range(heads)] + ["attention mean"]
+    for i, feature in enumerate(geo["features"]):
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and list(props["measurements"]) == names
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert ring.shape == (5, 2) and (ring[0] == ref_xy[i]).all()
+        assert (ring >= 0).all() and (ring[:, 0] <= qc.loc[slide, "width"]).all() and \
+            (ring[:, 1] <= qc.loc[slide, "height"]).all()
+    values = np.array([[f["properties"]["measurements"][n] for n in names] for f in geo["features"]])
+    np.testing.assert_allclose(values[:, :heads].T, ref, atol=1e-5)
+    np.testing.assert_allclose(values[:, -1], ref.mean(0), atol=1e-5)
+    png = cv2.imread(str(out / f"{slide}.attention.png"))
+    scale = qc.loc[slide, "mpp"] / 8.0  # 8 µm/px by default
+    assert abs(png.shape[1] - qc.loc[slide, "width"] * scale) <= 2
+    assert cv2.imread(str(out / f"{slide}.montage.png")) is not None
+
+    # both fold models: the ensemble is their mean
+    both = tmp_path / "both"
+    models = [str(folder / f"fold{k}/model.pt") for k in range(FOLDS)]
+    assert predict.cli(["--model", *models, "--out", str(both), path]) == 0
+    table = pd.read_csv(both / f"{slide}.predictions.tsv", sep="\t")
+    np.testing.assert_allclose(table[probs].iloc[-1].to_numpy(float), table[probs].iloc[:-1].mean().to_numpy(float))
+    np.testing.assert_allclose(table[probs].iloc[0].to_numpy(float), want[probs].to_numpy(float), atol=1e-5)
+
+    # a two-stage model: features from its recorded encoder, then its aggregator
+    ts = run / "results/twostage/subtype/ts_abmil/fold0"
+    ts_preds = pd.read_csv(ts / "predictions.tsv", sep="\t", dtype={"slide_id": str}).set_index("slide_id")
+    assert predict.cli(["--model", str(ts / "model.pt"), "--out", str(tmp_path / "ts"), path]) == 0
+    got = pd.read_csv(tmp_path / "ts" / f"{slide}.predictions.tsv", sep="\t")
+    np.testing.assert_allclose(got[probs].iloc[0].to_numpy(float), ts_preds.loc[slide, probs].to_numpy(float),
+                               atol=1e-5)
+
+    # a slide that cannot give the model's magnification is refused with the reason; a broken file
+    # fails alone; the good slide next to them is still predicted
+    record = torch.load(folder / "fold0/model.pt", weights_only=True)
+    record["spec"]["eval_magnification"] = 40
+    torch.save(record, tmp_path / "m40.pt")
+    twenty = next(s for s in qc.index if qc.loc[s, "vendor"] == "generic-tiff" and qc.loc[s, "status"] == "ok"
+                  and qc.loc[s, "mpp"] > 0.3)
+    mixed = tmp_path / "mixed"
+    with caplog.at_level(logging.ERROR):
+        code = predict.cli(["--model", str(tmp_path / "m40.pt"), "--out", str(mixed), qc.loc[twenty, "path"],
+                            str(run / "resources/demo/slides/BAD-TEXT.svs")])
+    assert code == 1
+    refused = json.loads((mixed / f"{twenty}.json").read_text())
+    assert refused["status"] == "refused" and "40x" in refused["reason"] and "unavailable" in refused["reason"]
+    assert json.loads((mixed / "BAD-TEXT.json").read_text())["status"] == "refused"
+    assert twenty in caplog.text
+    # a model file from before the preprocessing was recorded
+    del record["preprocess"]
+    torch.save(record, tmp_path / "old.pt")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert predict.cli(["--model", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old"), path]) == 2
+    assert "old.pt: written before e2epath recorded the preprocessing" in caplog.text and "Retrain" in caplog.text
+
+
+def test_the_readme_predict_command_runs_on_a_raw_demo_slide(run):
+    """README's `predict` example, as written (the fold glob expanded as a shell would), from the
+    run directory after `all`."""
+    import glob
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split("## Predicting new slides")[1].split("\n## ")[0]
+    argv = shlex.split(re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip())
+    assert argv[:4] == [".venv/bin/python", "-m", "e2epath", "predict"]
+    expanded = [x for a in argv[4:] for x in (sorted(glob.glob(a, root_dir=run)) if "*" in a else [a])]
+    assert len(expanded) == len(argv) - 4 + FOLDS - 1  # one model per fold
+    try:
+        res = subprocess.run([sys.executable, "-m", "e2epath", "predict", *expanded], cwd=run, capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        summary = json.loads((run / "results/predict/DEMO-S001.json").read_text())
+        assert summary["status"] == "ok" and len(summary["models"]) == FOLDS
+        assert abs(sum(summary["prediction"].values()) - 1) < 1e-5  # class probabilities of the ensemble
+    finally:
+        shutil.rmtree(run / "results/predict", ignore_errors=True)

@@ -39,6 +39,7 @@ STEPS: dict[str, str] = {
     "tables": "e2epath.evaluate.tables:cli",
     "figures_task": "e2epath.figures:cli_task",
     "figures_cohort": "e2epath.figures:cli_cohort",
+    "predict": "e2epath.predict:cli",
 }
 
 

@@ -201,15 +201,16 @@ def _group(picks: list[tuple[int, int, int]]) -> dict[tuple[int, int], list[int]
     return groups
 
 
-def iter_full_bag(bag: Bag, magnification: int, chunk: int):
+def iter_full_bag(bag: Bag, magnification: int, chunk: int, decode_threads: int = 0):
     """Every patch of one magnification, slide by slide, in chunks.
 
     Yields (slide_id, coords [n, 2], uint8 [n, P, P, 3]); `transforms.model_inputs` on the device
-    makes them model inputs exactly as in training, minus the randomness.
+    makes them model inputs exactly as in training, minus the randomness. With ``decode_threads``
+    the next chunks are decoded in background threads (`features.PatchBatches`), in order.
     """
+    from .features import PatchBatches
+
     for store in bag.stores.get(magnification, []):
         slide, coords = store.meta["slide_id"], store.coords
-        for start in range(0, len(store), chunk):
-            stop = min(start + chunk, len(store))
-            rgb = np.stack(list(store.iter_rgb(range(start, stop))))
-            yield slide, coords[start:stop], torch.from_numpy(rgb)
+        for start, rgb in zip(range(0, len(store), chunk), PatchBatches(store, chunk, decode_threads)):
+            yield slide, coords[start:start + len(rgb)], rgb

@@ -51,6 +51,15 @@ SHARD_MARKERS = {
 WEIGHTS_RECORD = "results/weights/{source}/{encoder}.json"
 WEIGHTS_SOURCES = ("imagenet", "hub")
 
+# `python -m e2epath predict`: what it writes per slide into its --out folder
+PREDICT_FILES = {
+    "summary": "{slide}.json",
+    "predictions": "{slide}.predictions.tsv",
+    "map": "{slide}.attention.png",
+    "montage": "{slide}.montage.png",
+    "geojson": "{slide}.attention.geojson",
+}
+
 # ------------------------------------------------------------------ per task
 SPLITS = "results/splits/{task}.tsv"
 METRICS = "results/metrics/{task}.tsv"

@@ -99,5 +99,24 @@ def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "
 def model_inputs(x: torch.Tensor, size: int, crop: str, mean: Stats = IMAGENET_MEAN,
                  std: Stats = IMAGENET_STD) -> torch.Tensor:
     """uint8 patches [N, H, W, 3] → normalised float [N, 3, size, size] on x's device: the whole
-    patch resized (features), or its centre crop (`crop="center"`, E2E evaluation)."""
-    return resized_crops(x, eval_boxes(len(x), *x.shape[1:3], size, crop), size, mean=mean, std=std)
+    patch resized (features), or its centre crop (`crop="center"`, E2E evaluation).
+
+    The same values as :func:`resized_crops` with :func:`eval_boxes` up to float rounding (bilinear, half-pixel
+    centres, edges repeated), computed the cheap way: the crop is a slice, the resize a plain
+    bilinear interpolation (none when the crop already has the input size), and normalisation
+    comes after the resize (it is per-channel affine, so the order does not matter) on the
+    smaller image. Whole-slide inference spends its time in the encoder, not here.
+    """
+    n, h, w = x.shape[:3]
+    if crop == "center":
+        cw, ch = min(size, w), min(size, h)
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
+        x = x[:, y0:y0 + ch, x0:x0 + cw]
+    elif crop != "whole":
+        raise ValueError(f"eval_crop {crop!r} is not center or whole")
+    t = x.movedim(-1, -3).float()  # [N, 3, h, w], channels_last memory
+    if tuple(t.shape[-2:]) != (size, size) and n:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    mean_t = torch.as_tensor(np.asarray(mean, np.float32) * 255, device=x.device).view(3, 1, 1)
+    inv_std = torch.as_tensor(1 / (np.asarray(std, np.float32) * 255), device=x.device).view(3, 1, 1)
+    return (t - mean_t) * inv_std

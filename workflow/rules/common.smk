@@ -49,6 +49,10 @@ for task, specs in RESOLVED.items():
             raise WorkflowError(f"config: method {name!r} reads {missing}x patches for task {task!r} (its sampling "
                                 f"and evaluation magnifications) but preprocess.magnifications is {MAGS}; add "
                                 "them there, or set the method's sampling")
+# What a model file records of the preprocessing (not the magnification list or sharding: adding 40x
+# or shards reruns no training), so `python -m e2epath predict` prepares new slides the same way.
+PREPROCESS_JSON = json.dumps({k: v for k, v in config["preprocess"].items() if k not in ("magnifications", "shards")},
+                             sort_keys=True)
 # GPU rules ask for one `gpu` where this machine has GPUs. On a CPU-only machine they ask for none,
 # so `--resources gpu=1` does not make CPU training run one job at a time. The SLURM profile sets
 # gpu: 1 for these rules itself (its submit host may have no GPU).

@@ -21,6 +21,7 @@ rule train_e2e:
         fold="{fold}",
         spec=method_json,
         seed=config["seed"],
+        preprocess=PREPROCESS_JSON,  # recorded in the model file: new slides are prepared the same way
     log:
         "results/logs/train_e2e/{task}/{method}/fold{fold}.log",
     benchmark:

@@ -86,6 +86,7 @@ rule train_mil:
         fold="{fold}",
         spec=method_json,
         seed=config["seed"],
+        preprocess=PREPROCESS_JSON,  # recorded in the model file: new slides are prepared the same way
     log:
         "results/logs/train_mil/{task}/{method}/fold{fold}.log",
     benchmark:

@@ -1,9 +1,13 @@
-"""Attention heatmaps over slide thumbnails: rows are test slides, columns are E2E ABMILX,
-E2E ABMIL and two-stage ABMIL (whichever of them were trained).
+"""Attention maps: one renderer for the task figure's panel (rows are test slides, columns are E2E
+ABMILX, E2E ABMIL and two-stage ABMIL, whichever were trained) and for slide-level maps of
+`python -m e2epath predict` (a PNG at a chosen µm per pixel, a montage of the most and least
+attended patches, and a GeoJSON of the patches that QuPath imports as detections).
 
-Each patch is a square at its level-0 coords, of side the grid spacing of the coords (the patch
-size in level-0 px: the patch grid does not overlap), coloured by its attention averaged over
-heads and min–max normalised within the slide. Slide files are found through the QC table
+Each patch is a square at its level-0 coords, of side the patch size in level-0 px, coloured by
+its attention averaged over heads, as a percentile within the slide (so a few extreme patches do
+not wash out the rest), over the slide image; tissue contours are drawn where given. Rasters are
+at the output resolution only (a 10^5-patch slide at 8 µm/px is a few megapixels), and the slide
+image is read tile by tile at that resolution. Slide files are found through the QC table
 (`results/slides.tsv`); training runs through `e2epath.layout`.
 """
 from __future__ import annotations
@@ -70,12 +74,21 @@ def read_slide(npz, slide: str, source: str) -> SlideAttention:
     return SlideAttention(att.mean(axis=0), coords, infer_patch_size(coords) or 0)
 
 
-def minmax(x: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; a constant map (uniform attention) becomes 0.5 everywhere."""
-    if x.size == 0:
-        return x.astype(float)
-    lo, hi = float(np.min(x)), float(np.max(x))
-    return np.full_like(x, 0.5, dtype=float) if hi <= lo else (x - lo) / (hi - lo)
+def percentile(x: np.ndarray) -> np.ndarray:
+    """Each value's percentile rank within ``x`` in [0, 1] (ties share their mean rank; a single
+    value or a constant map is 0.5 everywhere)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size <= 1:
+        return np.full_like(x, 0.5)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size)
+    ranks[order] = np.arange(x.size)
+    uniq, inverse = np.unique(x, return_inverse=True)  # ties: mean rank of the group
+    sums = np.bincount(inverse, weights=ranks)
+    counts = np.bincount(inverse)
+    if len(uniq) == 1:
+        return np.full_like(x, 0.5)
+    return (sums / counts)[inverse] / (x.size - 1)
 
 
 def attention_raster(coords: np.ndarray, scores: np.ndarray, patch_l0: float,
@@ -84,7 +97,7 @@ def attention_raster(coords: np.ndarray, scores: np.ndarray, patch_l0: float,
     each patch square holds its score (the larger where squares overlap), NaN off the patches."""
     h, w = shape
     dx, dy = downsample
-    out = np.full((h, w), np.nan)
+    out = np.full((h, w), np.nan, dtype=np.float32)
     x0 = np.clip(np.floor(coords[:, 0] / dx).astype(int), 0, w - 1)
     y0 = np.clip(np.floor(coords[:, 1] / dy).astype(int), 0, h - 1)
     x1 = np.clip(np.ceil((coords[:, 0] + patch_l0) / dx).astype(int), x0 + 1, w)
@@ -96,12 +109,119 @@ def attention_raster(coords: np.ndarray, scores: np.ndarray, patch_l0: float,
 
 def overlay(rgb: np.ndarray, raster: np.ndarray, alpha: float = ALPHA, cmap: str = CMAP) -> np.ndarray:
     """The thumbnail with the raster's colours blended in where it is defined (one image to draw,
-    so the figure stays small and fast to save)."""
-    colour = matplotlib.colormaps[cmap](np.nan_to_num(raster))[..., :3] * 255
-    out = rgb.astype(np.float64)
+    so the figure stays small and fast to save). Colours come from a 256-entry table and only the
+    covered pixels are blended: memory stays a few bytes per pixel."""
+    lut = np.round(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    out = rgb.copy()
     on = ~np.isnan(raster)
-    out[on] = (1 - alpha) * out[on] + alpha * colour[on]
-    return np.round(out).astype(np.uint8)
+    colour = lut[np.round(np.clip(raster[on], 0, 1) * 255).astype(np.uint8)]
+    out[on] = np.round((1 - alpha) * rgb[on].astype(np.float32) + alpha * colour).astype(np.uint8)
+    return out
+
+
+CONTOUR_RGB = (20, 20, 20)
+
+
+def draw_contours(rgb: np.ndarray, contours: list[list[list[float]]], downsample: tuple[float, float]) -> np.ndarray:
+    """Tissue contours (rings of level-0 (x, y), as in the tissue GeoJSON) drawn on ``rgb``."""
+    import cv2
+
+    out = np.ascontiguousarray(rgb.copy())
+    dx, dy = downsample
+    width = max(1, round(max(out.shape[:2]) / 800))
+    for ring in contours:
+        pts = np.round(np.asarray(ring, np.float64) / (dx, dy)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(out, [pts], True, CONTOUR_RGB, width, lineType=cv2.LINE_AA)
+    return out
+
+
+def tissue_rings(geojson: dict) -> list[list[list[float]]]:
+    """Every ring (exterior and holes) of a tissue GeoJSON FeatureCollection (docs/contracts.md)."""
+    rings = []
+    for feature in geojson.get("features", []):
+        geometry = feature.get("geometry") or {}
+        polygons = geometry.get("coordinates", [])
+        if geometry.get("type") == "Polygon":
+            polygons = [polygons]
+        for polygon in polygons:
+            rings.extend(polygon)
+    return rings
+
+
+def render_attention(rgb: np.ndarray, downsample: tuple[float, float], coords: np.ndarray, scores: np.ndarray,
+                     patch_l0: float, contours: list | None = None) -> np.ndarray:
+    """The one attention renderer: ``scores`` (one per patch) as percentiles within the slide,
+    patch squares blended over ``rgb`` (level-0 px per image px = ``downsample``), tissue
+    ``contours`` on top."""
+    raster = attention_raster(coords, percentile(scores), max(patch_l0, 1), rgb.shape[:2], downsample)
+    out = overlay(rgb, raster)
+    return draw_contours(out, contours, downsample) if contours else out
+
+
+def slide_image(path: str | Path, slide_mpp: float, out_mpp: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """The slide at ``out_mpp`` µm per pixel, read tile by tile from the level just finer than it
+    (never the full-resolution raster), and level-0 px per output px (x, y)."""
+    from e2epath.preprocess.tissue import read_at_mpp
+
+    osr = open_slide(path)
+    try:
+        w0, h0 = osr.dimensions
+        rgb = read_at_mpp(osr, slide_mpp, out_mpp)
+    finally:
+        osr.close()
+    return rgb, (w0 / rgb.shape[1], h0 / rgb.shape[0])
+
+
+MIN_MAP_MPP = 2.0  # finest slide-level map: 2 µm/px (a 100k px slide at 0.25 µm/px is 12,500 px wide)
+
+
+def slide_heatmap(path: str | Path, slide_mpp: float, coords: np.ndarray, scores: np.ndarray, patch_l0: float,
+                  out_mpp: float = 8.0, contours: list | None = None) -> np.ndarray:
+    """A slide-level attention map at ``out_mpp`` µm/px (2 to any coarser), RGB."""
+    if out_mpp < MIN_MAP_MPP:
+        raise ValueError(f"attention map resolution {out_mpp} µm/px is finer than the {MIN_MAP_MPP} µm/px "
+                         "e2epath renders; give a larger --map-mpp")
+    rgb, ds = slide_image(path, slide_mpp, out_mpp)
+    return render_attention(rgb, ds, coords, scores, patch_l0, contours)
+
+
+def patch_montage(patches: list[np.ndarray], labels: list[str], cols: int = 8, cell: int = 128) -> np.ndarray:
+    """Patches in a grid of ``cols`` columns at ``cell`` px, each with its label underneath."""
+    import cv2
+
+    rows = max(1, -(-len(patches) // cols))
+    text_h = 16
+    out = np.full((rows * (cell + text_h), cols * cell, 3), 255, np.uint8)
+    for i, (patch, label) in enumerate(zip(patches, labels)):
+        r, c = divmod(i, cols)
+        y, x = r * (cell + text_h), c * cell
+        out[y:y + cell, x:x + cell] = cv2.resize(patch, (cell, cell), interpolation=cv2.INTER_AREA)
+        cv2.putText(out, label, (x + 2, y + cell + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
+    return out
+
+
+def write_geojson(path: Path, coords: np.ndarray, patch_l0: float, measurements: dict[str, np.ndarray],
+                  properties: dict | None = None) -> None:
+    """The patches as a GeoJSON FeatureCollection that QuPath imports as detections: one square
+    Polygon per patch in level-0 px, ``properties.measurements`` = {name: value} per patch (colour
+    by any of them in QuPath: Measure → Show measurement maps). Written feature by feature to a
+    temporary name, renamed when complete."""
+    import json
+
+    from e2epath.io import atomic_path
+
+    names = list(measurements)
+    values = np.column_stack([np.asarray(measurements[n], np.float64) for n in names]) if names else None
+    side = float(patch_l0)
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        fh.write('{"type": "FeatureCollection", "properties": ' + json.dumps(properties or {}) + ', "features": [\n')
+        for i, (x, y) in enumerate(np.asarray(coords, np.float64)):
+            ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+            feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                       "properties": {"objectType": "detection", "name": f"patch {i}",
+                                      "measurements": {n: float(values[i, k]) for k, n in enumerate(names)}}}
+            fh.write(("" if i == 0 else ",\n") + json.dumps(feature))
+        fh.write("\n]}\n")
 
 
 def thumbnail(path: str | Path, max_px: int = THUMB_PX) -> tuple[np.ndarray, tuple[float, float]]:
@@ -190,9 +310,8 @@ def _plot_attention(stack: ExitStack, runs: list[Run], slides: pd.DataFrame, n_s
             if att.patch_l0 <= 0:
                 logger.warning("attention: %s %s has a single patch (no grid spacing); drawn as one "
                                "thumbnail pixel", key[1], slide)
-            raster = attention_raster(att.coords, minmax(att.scores), max(att.patch_l0, 1), rgb.shape[:2], ds)
             ax = axes[r, c]
-            ax.imshow(overlay(rgb, raster), interpolation="antialiased")
+            ax.imshow(render_attention(rgb, ds, att.coords, att.scores, att.patch_l0), interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -201,7 +320,7 @@ def _plot_attention(stack: ExitStack, runs: list[Run], slides: pd.DataFrame, n_s
                 ax.set_ylabel(slide, fontsize=8)
             ax.set_xlabel(f"fold {f.fold}, {len(att.scores)} patches", fontsize=7)
     fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=axes, shrink=0.6,
-                 label="attention (min–max per slide)")
+                 label="attention (percentile within the slide)")
     if title:
         fig.suptitle(title)
     return fig

@@ -471,6 +471,12 @@ def load_weights(encoder: Encoder, path: Path) -> None:
     logger.info("encoder %s: weights loaded from %s", name, path)
 
 
+def make_encoder(spec: dict[str, Any]) -> Encoder:
+    """The architecture of a resolved preset, with whatever initial weights it is built with: for
+    a model file's own weights (``load_state_dict`` follows), not a weights policy."""
+    return ResNetTrunk(spec["arch"], spec) if spec["arch"] in ARCHITECTURES else TimmEncoder(spec)
+
+
 def build_encoder(encoder: str | dict[str, Any], weights: Any = "preset", seed: int | None = None) -> Encoder:
     """The encoder ``encoder`` (a preset name or a resolved spec from `e2epath.presets`) with
     ``weights`` (default: the spec's own; see the module docstring). ``out_dim`` is its embedding width.
@@ -489,7 +495,7 @@ def build_encoder(encoder: str | dict[str, Any], weights: Any = "preset", seed: 
     check_weights(spec, weights, f"encoder {spec['name']}")
     if seed is not None:
         torch.manual_seed(seed)
-    model: Encoder = ResNetTrunk(spec["arch"], spec) if spec["arch"] in ARCHITECTURES else TimmEncoder(spec)
+    model = make_encoder(spec)
     if weights is None:
         logger.warning("encoder %s: random initialisation (weights: null), no pretrained weights", spec["name"])
         return model

@@ -8,6 +8,7 @@ training (`job`, `loop`, `tasks`).
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -75,28 +76,50 @@ def sampled_batches(dataset: MultiScaleBagDataset, spec: dict, dev: torch.device
     return batches
 
 
-def full_bag_predictor(task: Task, bags: dict[str, Bag], spec: dict, dev: torch.device):
-    """(model, bag ids) → (predictions, attention per slide), all patches of the eval
-    magnification, each its centre crop (or whole: ``eval_crop``) at the input size."""
+def decode_threads_for(dev: torch.device) -> int:
+    """Threads that decode the next chunks while the encoder runs: 2 beside a GPU; on CPU only the
+    cores torch leaves free (decoding threads next to torch's own on the same cores slow both:
+    bench/inference.py)."""
+    if dev.type == "cuda":
+        return 2
+    return max(0, min(2, len(os.sched_getaffinity(0)) - torch.get_num_threads()))
+
+
+@torch.no_grad()
+def predict_bag(model: E2EModel, bag: Bag, spec: dict, dev: torch.device, decode_threads: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, np.ndarray]]]:
+    """One full bag through the model: every patch of the eval magnification, its centre crop
+    (or whole: ``eval_crop``) at the input size, encoded in chunks of ``eval_chunk``; the
+    aggregator over all of them; the next chunks are decoded in ``decode_threads`` threads
+    (default: `decode_threads_for`) while the encoder runs (the same patches in the same order
+    whatever the count). (logits [1, outputs], attention [heads, N], [(slide, coords)]).
+    Test predictions and `python -m e2epath predict` both go through here."""
     mag, size, chunk, crop = spec["eval_magnification"], spec["input_size"], spec["eval_chunk"], spec["eval_crop"]
     mean, std = stats(spec)
+    model.eval()
+    feats, parts = [], []
+    threads = decode_threads_for(dev) if decode_threads is None else decode_threads
+    for slide, coords, x in iter_full_bag(bag, mag, chunk, threads):
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            feats.append(model.encode(model_inputs(x.to(dev), size, crop, mean, std)).float())
+        parts.append((slide, coords))
+    if not feats:
+        raise RuntimeError(f"{spec['bag']} {bag.unit_id}: no patches at {mag}x for evaluation")
+    out, attn = model.aggregator(torch.cat(feats)[None], return_attention=True)
+    return out.float(), attn[0], _merge(parts)
+
+
+def full_bag_predictor(task: Task, bags: dict[str, Bag], spec: dict, dev: torch.device):
+    """(model, bag ids) → (predictions, attention per slide) of full bags (`predict_bag`)."""
     units = {u: b.case_id for u, b in bags.items()}
 
     @torch.no_grad()
     def predict(model: E2EModel, unit_ids: list[str]):
-        model.eval()
         logits, attention = [], []
         for unit in unit_ids:
-            feats, parts = [], []
-            for slide, coords, x in iter_full_bag(bags[unit], mag, chunk):
-                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    feats.append(model.encode(model_inputs(x.to(dev), size, crop, mean, std)).float())
-                parts.append((slide, coords))
-            if not feats:
-                raise RuntimeError(f"{spec['bag']} {unit}: no patches at {mag}x for evaluation")
-            out, attn = model.aggregator(torch.cat(feats)[None], return_attention=True)
-            logits.append(out.float())
-            attention.append((attn[0], _merge(parts)))
+            out, attn, parts = predict_bag(model, bags[unit], spec, dev)
+            logits.append(out)
+            attention.append((attn, parts))
         return training.bag_outputs(task, unit_ids, units, spec["bag"], logits, attention)
     return predict
 

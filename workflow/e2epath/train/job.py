@@ -38,6 +38,9 @@ from .tasks import Task, build_task
 logger = logging.getLogger(__name__)
 
 SUBSETS = ("train", "val", "test")
+# model.pt format: 2 records the preprocessing settings, the task and its outputs (classes, survival
+# bins), so `python -m e2epath predict` can apply a model to new slides; 1 (before) cannot be deployed.
+MODEL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class TrainingJob:
     slides: Path
     outputs: dict[str, Path]  # the names of layout.RUN_FILES → paths, all in the run's folder
     pretrained: tuple[Path, ...] = ()  # the encoder's weights record or file (E2E)
+    preprocess: dict[str, Any] | None = None  # the config's preprocess section: recorded for deployment
 
     def __post_init__(self) -> None:
         folders = {p.parent for p in self.outputs.values()}
@@ -93,8 +97,11 @@ def parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--spec", required=True, help="the method's resolved hyper-parameters (JSON)")
     ap.add_argument("--pretrained", nargs="*", default=[], type=Path,
-                    help="the encoder's weights: the imagenet_weights record or the weights file (E2E; none for "
+                    help="the encoder's weights: the encoder_weights record or the weights file (E2E; none for "
                          "random init or two-stage)")
+    ap.add_argument("--preprocess", required=True,
+                    help="the config's preprocess settings (JSON), recorded in the model file so that "
+                         "`python -m e2epath predict` prepares new slides as the training ones")
     for name in RUN_FILES:
         ap.add_argument(f"--{name}", required=True, type=Path)
     return ap
@@ -111,7 +118,8 @@ def main(argv: list[str] | None, prog: str, family: type["Family"], inputs: str,
 
 def job_from_args(args: argparse.Namespace) -> TrainingJob:
     return TrainingJob(args.task, args.fold, args.seed, json.loads(args.spec), args.splits, args.labels,
-                       args.slides, {name: getattr(args, name) for name in RUN_FILES}, tuple(args.pretrained))
+                       args.slides, {name: getattr(args, name) for name in RUN_FILES}, tuple(args.pretrained),
+                       json.loads(args.preprocess))
 
 
 def seed_everything(seed: int) -> None:
@@ -223,7 +231,9 @@ class Family(ABC):
 
     def model_extras(self, task: Task) -> dict[str, Any]:
         """What the model file records besides weights, spec and epoch."""
-        return {"classes": getattr(task, "classes", None)}
+        edges = getattr(task, "edges", None)
+        return {"classes": getattr(task, "classes", None), "bins": None if edges is None else edges.tolist(),
+                "n_outputs": task.n_outputs}
 
 
 def run(job: TrainingJob, family: Family) -> int:
@@ -272,6 +282,7 @@ def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, p
         np.savez_compressed(fh, **arrays)
     with atomic_path(out["model"]) as tmp:
         torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch,
-                    "weights": result.best_weights, **extras}, tmp)
+                    "weights": result.best_weights, "task": job.task, "fold": job.fold, "seed": job.seed,
+                    "preprocess": job.preprocess, "format_version": MODEL_FORMAT, **extras}, tmp)
     job.run.write(extras.get("encoder"))
     return preds

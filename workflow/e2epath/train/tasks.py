@@ -51,12 +51,9 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits.float(), target)
 
     def predictions(self, case_ids: list[str], logits: torch.Tensor) -> pd.DataFrame:
-        prob = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         df = pd.DataFrame({"case_id": case_ids,
                            "label": [str(self.labels.at[c, "label"]) for c in case_ids]})
-        for i, c in enumerate(self.classes):
-            df[f"prob_{c}"] = prob[:, i]
-        return df
+        return pd.concat([df, scores("classification", logits, self.classes)], axis=1)
 
     def strata(self, case_ids: list[str]) -> np.ndarray:
         return np.array([self.index[str(self.labels.at[c, "label"])] for c in case_ids])
@@ -83,13 +80,23 @@ class SurvivalTask(Task):
         return nll_survival(logits.float(), target[:, 0].long(), target[:, 1])
 
     def predictions(self, case_ids: list[str], logits: torch.Tensor) -> pd.DataFrame:
-        surv = torch.cumprod(1 - torch.sigmoid(logits.float()), dim=-1)
-        return pd.DataFrame({
+        df = pd.DataFrame({
             "case_id": case_ids,
             "time": [float(self.labels.at[c, "time"]) for c in case_ids],
             "event": [int(self.labels.at[c, "event"]) for c in case_ids],
-            "risk": (-surv.sum(dim=-1)).cpu().numpy(),
         })
+        return pd.concat([df, scores("survival", logits)], axis=1)
+
+
+def scores(task_type: str, logits: torch.Tensor, classes: list[str] | None = None) -> pd.DataFrame:
+    """Logits [n, outputs] → the prediction columns: ``prob_<class>`` per class (softmax), or
+    ``risk`` (survival: minus the expected survival over the bins, higher = earlier event).
+    Shared by training's test predictions and `python -m e2epath predict`."""
+    if task_type == "survival":
+        surv = torch.cumprod(1 - torch.sigmoid(logits.float()), dim=-1)
+        return pd.DataFrame({"risk": (-surv.sum(dim=-1)).cpu().numpy()})
+    prob = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return pd.DataFrame({f"prob_{c}": prob[:, i] for i, c in enumerate(classes or [])})
 
 
 def nll_survival(logits: torch.Tensor, bins: torch.Tensor, event: torch.Tensor,
