@@ -22,6 +22,7 @@ include: "workflow/rules/e2e.smk"
 include: "workflow/rules/twostage.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/external.smk"
 
 
 rule all:

@@ -38,6 +38,7 @@ STAGE_OF = {
     "e2epath.transforms": "data", "e2epath.data": "data", "e2epath.features": "data", "e2epath.splits": "data",
     "e2epath.models": "data", "e2epath.sampling": "data",
     "e2epath.methods": "train", "e2epath.metrics": "train", "e2epath.train": "train",
+    "e2epath.external": "train",  # trained models rebuilt from their files, predicting external cohorts
     "e2epath.evaluate": "evaluate",
     "e2epath.figures": "figures",
     "e2epath.predict": "figures",  # deployment: preprocessing, a trained model and the attention maps
@@ -120,6 +121,7 @@ def test_schema_enums_are_the_package_constants():
     assert tuple(props["encoders"]["additionalProperties"]["properties"]["dtype"]["enum"]) == presets.DTYPES
     assert set(ARCHITECTURES) <= set(presets.PRESETS)
     assert tuple(method["aggregator"]["enum"]) == vocabulary.AGGREGATORS == tuple(models.AGGREGATORS)
+    assert props["cohorts"]["propertyNames"]["not"]["const"] == vocabulary.INTERNAL  # the training cohort's name
     assert tuple(method["optimizer"]["enum"]) == tuple(OPTIMIZERS)
     task = props["tasks"]["additionalProperties"]["properties"]
     assert tuple(task["type"]["enum"]) == vocabulary.TASK_TYPES
@@ -233,7 +235,7 @@ def test_target_rules_run_nothing(workflows):
     for wf in workflows.values():
         for rule in wf.rules:
             if not rule.script:
-                assert rule.name in ("all", "preprocess") and not rule.output, rule.name
+                assert rule.name in ("all", "preprocess", "predict") and not rule.output, rule.name
 
 
 class _Captured(Exception):
@@ -258,7 +260,7 @@ def step_parser(step: str, monkeypatch) -> argparse.ArgumentParser:
 
 # Flags a rule passes only sometimes (None is left out, or no weights file for random init):
 # optional on purpose.
-SOMETIMES = {"sheet_mpp", "reference", "allow_upsample", "pretrained"}
+SOMETIMES = {"sheet_mpp", "reference", "allow_upsample", "pretrained", "external"}
 
 
 def test_what_a_rule_always_passes_its_step_requires(workflows, monkeypatch):

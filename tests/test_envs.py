@@ -47,7 +47,7 @@ def parse_rules(text: str) -> list[Rule]:
     rules = []
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        m = re.match(r"^(\s*)rule\s+(\w+)\s*:", line)
+        m = re.match(r"^(\s*)rule(?:\s+(\w+))?\s*:", line)  # `rule:` alone: the name is in `name:`
         if not m:
             continue
         indent, body = len(m[1]), []
@@ -59,7 +59,8 @@ def parse_rules(text: str) -> list[Rule]:
         env = re.search(r"^\s*conda:\s*\n\s*[\"']([^\"']+)[\"']", block, re.M)
         step = re.search(r"^\s*step\s*=\s*[\"'](\w+)[\"']", block, re.M)
         script = re.search(r"^\s*script:\s*\n\s*[\"']([^\"']+)[\"']", block, re.M)
-        rules.append(Rule(m[2], Path(env[1]).name if env else None, step[1] if step else None,
+        name = m[2] or re.search(r"^\s*name:\s*\n\s*f?[\"']([^\"']+)[\"']", block, re.M)[1]
+        rules.append(Rule(name, Path(env[1]).name if env else None, step[1] if step else None,
                           Path(script[1]).name if script else None))
     return rules
 

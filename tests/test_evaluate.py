@@ -13,10 +13,12 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
                              roc_auc_score)
 
+from e2epath import layout
 from e2epath import metrics as m
 from e2epath.evaluate import bootstrap as bs
 from e2epath.evaluate import evaluation as ev
 from e2epath.evaluate import tables
+from e2epath.layout import read_runs
 from helpers import write_run
 
 TIGHT = dict(rtol=0, atol=1e-12)
@@ -338,7 +340,7 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     paths, full = _write_runs(tmp_path, task, classes)
     out, paired_out = tmp_path / "metrics" / f"{task}.tsv", tmp_path / "metrics" / f"{task}_paired.tsv"
     argv = ["--task", task, "--task-type", "classification", "--n-boot", "100", "--seed", "0",
-            "--out", str(out), "--paired-out", str(paired_out), "--runs", *map(str, paths)]
+            "--out", str(out), "--paired-out", str(paired_out), "--cohorts", "--runs", *map(str, paths)]
     with caplog.at_level(logging.INFO):
         assert ev.cli(argv) == 0
     assert any("fold2" in r.getMessage() and "no rows" in r.getMessage() for r in caplog.records)
@@ -413,7 +415,8 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
 def test_tables_bold_ties_and_escape():
     rows = []
     for method, family, mean in (("a_1", "e2e", 0.912), ("b_2", "twostage", 0.9121), ("c%3", "twostage", 0.70)):
-        rows.append([method, family, "case", "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05, 50])
+        rows.append(["internal", method, family, "case", "pooled", "c_index", mean, mean, mean - 0.05, mean + 0.05,
+                     np.nan, 50])
     table = tables.pooled_table(pd.DataFrame(rows, columns=ev.COLUMNS))
     md = tables.to_markdown(table, decimals=1)
     assert "| a_1 | **91.2 [86.2, 96.2]** |" in md and "| b_2 | **91.2" in md  # tie at shown precision
@@ -461,3 +464,104 @@ def test_slide_and_case_metrics_equal_the_reference_libraries_on_the_same_units(
                 pred = np.where(table["prob_pos"] > table["prob_neg"], "pos", "neg")
                 assert np.isclose(got.loc["accuracy", "point"], accuracy_score(table["label"], pred), **TIGHT), unit
     assert len(frames[0]) > 20  # the slide and case numbers really differ
+
+
+def _write_cohort(root: Path, cohort: str, task: str, task_type: str, method: str, family: str,
+                  folds: list[pd.DataFrame], labels_missing: int = 0) -> Path:
+    """An external cohort's predictions by one method as `predict_cohort` lays them out (written by
+    hand here), the ensemble the mean of the folds' scores; the first ``labels_missing`` rows unlabelled."""
+    folder = root / layout.COHORT_PREDICTIONS.format(cohort=cohort, task=task, method=method)
+    folder.mkdir(parents=True)
+    label_cols = ["time", "event"] if task_type == "survival" else ["label"]
+    folds = [f.copy() for f in folds]
+    for f in folds:
+        f.loc[: labels_missing - 1, label_cols] = np.nan
+    score_cols = [c for c in folds[0].columns if c == "risk" or c.startswith("prob_")]
+    ens = folds[0].copy()
+    ens[score_cols] = sum(f[score_cols].to_numpy(float) for f in folds) / len(folds)
+    names = []
+    for k, f in enumerate(folds):
+        f.to_csv(folder / f"fold{k}.tsv", sep="\t", index=False)
+        names.append(f"fold{k}.tsv")
+    ens.to_csv(folder / "ensemble.tsv", sep="\t", index=False)
+    rec = {"cohort": cohort, "task": task, "task_type": task_type, "method": method, "family": family,
+           "bag": "case", "folds": list(range(len(folds))), "predictions": names, "ensemble": "ensemble.tsv"}
+    (folder / "prediction.json").write_text(json.dumps(rec))
+    return folder / "prediction.json"
+
+
+@pytest.mark.parametrize("task_type", ["classification", "survival"])
+def test_external_cohort_metrics_equal_the_reference_libraries(tmp_path, task_type):
+    """Labelled external cohort: the ensemble's and each fold model's point estimates equal
+    scikit-learn / lifelines on the labelled rows; `folds` is their mean ± sd; paired rows per cohort."""
+    rng = np.random.default_rng(5)
+    task = "t"
+    internal, runs = {}, []
+    for method, family in (("m_e2e", "e2e"), ("m_ts", "twostage")):
+        for fold in range(2):
+            df = (_survival_frame(rng, 30, f"I{fold}") if task_type == "survival"
+                  else _class_frame(rng, 30, f"I{fold}"))
+            runs.append(write_run(tmp_path, family, task, task_type, method, fold, df))
+            internal[method, fold] = df
+    records = []
+    ext = {}
+    for method, family in (("m_e2e", "e2e"), ("m_ts", "twostage")):
+        folds = [(_survival_frame(rng, 40, "X") if task_type == "survival" else _class_frame(rng, 40, "X"))
+                 for _ in range(2)]
+        for f in folds[1:]:  # one cohort: the same cases and labels in every fold model's table
+            for c in ("case_id", "time", "event", "label"):
+                if c in f.columns:
+                    f[c] = folds[0][c]
+        ext[method] = folds
+        records.append(_write_cohort(tmp_path, "cptac", task, task_type, method, family, folds, labels_missing=3))
+    metrics, paired = ev.evaluate(read_runs([r.path("run") for r in runs]), task_type, 50, 0, cohorts=records)
+    assert set(metrics["cohort"]) == {"internal", "cptac"}
+    main = "c_index" if task_type == "survival" else "auc"
+
+    def reference(df):
+        df = df.iloc[3:]  # the unlabelled rows are not scored
+        if task_type == "survival":
+            return concordance_index(df["time"], -df["risk"], df["event"])
+        return roc_auc_score(df["label"] == "b", df["prob_b"])
+
+    for method, folds in ext.items():
+        rows = metrics[(metrics["cohort"] == "cptac") & (metrics["method"] == method) & (metrics["metric"] == main)]
+        rows = rows.set_index(rows["fold"].astype(str))
+        score = [c for c in folds[0].columns if c == "risk" or c.startswith("prob_")]
+        ens = folds[0].copy()
+        ens[score] = (folds[0][score].to_numpy(float) + folds[1][score].to_numpy(float)) / 2
+        assert np.isclose(rows.at["ensemble", "point"], reference(ens), **TIGHT)
+        points = [reference(f) for f in folds]
+        for k in range(2):
+            assert np.isclose(rows.at[str(k), "point"], points[k], **TIGHT)
+        assert np.isclose(rows.at["folds", "mean"], np.mean(points), **TIGHT)
+        assert np.isclose(rows.at["folds", "sd"], np.std(points, ddof=1), **TIGHT)
+        assert rows.at["ensemble", "n"] == 37
+    ext_paired = paired[paired["cohort"] == "cptac"]
+    assert len(ext_paired) and set(ext_paired["fold"]) == {"ensemble"}
+    assert set(paired["cohort"]) == {"internal", "cptac"}
+    # the table shows both cohorts side by side; the forest plot a panel each
+    table = tables.pooled_table(metrics)
+    assert [c for c, _ in table.columns][0] == "internal" and "cptac" in {c for c, _ in table.columns}
+    md = tables.to_markdown(table)
+    label = "C-index" if task_type == "survival" else "AUC"
+    header = md.splitlines()[0]
+    assert header.index(f"{label} (internal)") < header.index(f"{label} (cptac)")
+    from e2epath.figures import forest
+    assert len(forest.plot_forest(metrics, main).axes) == 4  # two cohort panels, each with its number axis
+    tex = tables.to_latex(table)
+    assert "\\multicolumn{" in tex and "cptac" in tex and "\\cmidrule" in tex
+
+
+def _class_frame(rng, n: int, prefix: str) -> pd.DataFrame:
+    y = rng.integers(0, 2, n)
+    p = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.2 * y)))
+    return pd.DataFrame({"case_id": [f"{prefix}-{i:03d}" for i in range(n)], "label": np.where(y, "b", "a"),
+                         "prob_a": 1 - p, "prob_b": p})
+
+
+def _survival_frame(rng, n: int, prefix: str) -> pd.DataFrame:
+    risk = rng.normal(0, 1, n)
+    return pd.DataFrame({"case_id": [f"{prefix}-{i:03d}" for i in range(n)],
+                         "time": np.round(rng.exponential(np.exp(-risk) * 20) + 0.5, 2),
+                         "event": (rng.uniform(size=n) < 0.7).astype(int), "risk": risk})

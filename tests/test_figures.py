@@ -105,7 +105,8 @@ def _metrics(runs: dict, task_type: str) -> pd.DataFrame:
                 auc = roc_auc_score(df["label"] == "tumor", df["prob_tumor"])
                 names = {"auc": auc, "accuracy": ((df["prob_tumor"] > .5) == (df["label"] == "tumor")).mean()}
             for metric, v in names.items():
-                rows.append({"method": method, "family": family, "unit": "case", "fold": fold, "metric": metric,
+                rows.append({"cohort": "internal", "method": method, "family": family, "unit": "case", "fold": fold,
+                             "metric": metric, "sd": np.nan,
                              "point": v,
                              "mean": v - 0.005, "ci_low": v - 0.1, "ci_high": min(1.0, v + 0.08), "n": len(df)})
     return pd.DataFrame(rows)

@@ -15,6 +15,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -105,6 +106,14 @@ def test_all_builds_every_stage(run):
 
     runs = [Run.read(p) for p in (run / "results").glob("*/*/*/fold*/run.json")]  # each run names itself
     assert len(runs) == 2 * 3 * FOLDS
+    # an attention map of every test slide with patches, for every method but mean pooling
+    assert sorted(p.relative_to(run / "results/maps").as_posix() for p in (run / "results/maps").glob("*/*")) == \
+        sorted(f"{t}/{m}" for t in ("subtype", "survival") for m in ("r18_abmilx", "ts_abmil"))
+    index = pd.read_csv(run / "results/maps/subtype/r18_abmilx/index.tsv", sep="\t")
+    assert sorted(index["slide_id"]) == sorted(set(qc.index) - set(BAD)) and (index["status"] == "ok").all()
+    for slide in index["slide_id"]:
+        for suffix in (".attention.png", ".montage.png", ".attention.geojson"):
+            assert (run / f"results/maps/subtype/r18_abmilx/{slide}{suffix}").stat().st_size > 0
     assert {(r.family, r.method) for r in runs} == {("e2e", "r18_abmilx"), ("e2e", "r18_mean"), ("twostage", "ts_abmil")}
     assert all(r.folder == run / f"results/{r.family}/{r.task}/{r.method}/fold{r.fold}" for r in runs)
 
@@ -419,6 +428,7 @@ def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
     jobs = planned(run, config)
     assert jobs.pop("extract_features") == N_SLIDES + len(BAD)  # the ViT's; the ResNet's are done
     assert jobs.pop("train_mil") == 2 * FOLDS  # ts_vit_abmil only, both tasks
+    assert jobs.pop("maps") == 2  # its attention maps, both tasks
     assert set(jobs) <= {"evaluate", "tables", "figures_task"}, jobs
     with left_as_found(run, tmp_path / "saved"):
         res = snakemake(run, config, "--cores", "2", "all")
@@ -546,3 +556,97 @@ def test_the_readme_predict_command_runs_on_a_raw_demo_slide(run):
         assert abs(sum(summary["prediction"].values()) - 1) < 1e-5  # class probabilities of the ensemble
     finally:
         shutil.rmtree(run / "results/predict", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- external cohorts
+
+COHORT_JOBS = {"cohort_slide_qc", "cohort_tissue", "cohort_patch", "cohort_qc_table", "cohort_manifest",
+               "cohort_extract_features", "predict_cohort", "cohort_maps", "figures_external"}
+
+
+def write_cohorts(run: Path) -> dict:
+    """Two cohorts in the run directory and the config naming them: `ext`, the demo's external cohort
+    (another scanner) plus a corrupt slide and a slide whose mpp nobody knows, labelled for the subtype
+    task only; `newb`, two of its slides without labels."""
+    from e2epath import demo
+
+    ext = run / "resources/ext"
+    demo.write_external(ext, n_slides=6, seed=1, scale=0.5)
+    sheet = pd.read_csv(ext / "slides.tsv", sep="\t", dtype=str)
+    tagless = sheet[sheet["mpp"].notna()].iloc[0]  # the slide whose mpp only the sheet knows
+    shutil.copy(ext / tagless["path"], ext / "slides/EXT-NOMPP.tif")
+    (ext / "slides/EXT-BAD.svs").write_bytes((ext / sheet.loc[0, "path"]).read_bytes()[:30000])
+    extra = pd.DataFrame([{"slide_id": "EXT-NOMPP", "path": "slides/EXT-NOMPP.tif", "case_id": sheet.loc[1, "case_id"]},
+                          {"slide_id": "EXT-BAD", "path": "slides/EXT-BAD.svs", "case_id": sheet.loc[0, "case_id"]}])
+    pd.concat([sheet, extra]).to_csv(ext / "slides.tsv", sep="\t", index=False)
+    newb = sheet.iloc[:2].assign(path=[str(ext / p) for p in sheet["path"].iloc[:2]])
+    newb.to_csv(run / "resources/newb.tsv", sep="\t", index=False)
+    config = edited()
+    config["cohorts"] = {"ext": {"samples": "resources/ext/slides.tsv",
+                                 "labels": {"subtype": "resources/ext/labels/subtype.csv"}},
+                         "newb": {"samples": "resources/newb.tsv"}}
+    return config
+
+
+def test_external_cohorts_are_prepared_predicted_and_scored_alone(run, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    with left_as_found(run, tmp_path / "saved"):
+        config = write_cohorts(run)
+        unlabelled = json.loads(json.dumps(config))
+        del unlabelled["cohorts"]["ext"]
+        jobs = planned(run, unlabelled)  # an unlabelled cohort: its own jobs, no evaluation
+        assert set(jobs) == COHORT_JOBS, jobs
+        assert jobs["predict_cohort"] == 2 * 3 and jobs["cohort_slide_qc"] == 2 and jobs["cohort_maps"] == 2 * 2
+        jobs = planned(run, config)  # the labelled one adds the subtype task's evaluation, nothing internal
+        assert set(jobs) == COHORT_JOBS | {"evaluate", "tables", "figures_task"}, jobs
+        assert jobs["evaluate"] == jobs["tables"] == jobs["figures_task"] == 1
+        assert jobs["cohort_slide_qc"] == 2 + 8
+        models = {p: p.stat().st_mtime_ns for p in (run / "results").glob("*/*/*/fold*/model.pt")}
+        res = snakemake(run, config, "--cores", "2", "all")
+        assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+        assert all(p.stat().st_mtime_ns == t for p, t in models.items())  # nothing internal retrained
+        qc = pd.read_csv(run / "results/cohorts/ext/slides.tsv", sep="\t").set_index("slide_id")
+        assert qc.loc["EXT-BAD", "status"] == "failed" and len(qc.loc["EXT-BAD", "error"]) > 10
+        assert qc.loc["EXT-NOMPP", "status"] == "failed" and "mpp" in qc.loc["EXT-NOMPP", "error"]
+        assert (qc.drop(index=["EXT-BAD", "EXT-NOMPP"])["status"] == "ok").all()
+        manifest = pd.read_csv(run / "results/cohorts/ext/patches/manifest.tsv", sep="\t")
+        bad = manifest[manifest["slide_id"].isin(["EXT-BAD", "EXT-NOMPP"])]
+        assert len(bad) == 2 * 3 and set(bad["status"]) == {"failed"} and (bad["n_patches"] == 0).all()
+        # every fold model predicted every bag; the ensemble is their mean
+        folder = run / "results/cohorts/ext/predictions/subtype/r18_abmilx"
+        folds = [pd.read_csv(folder / f"fold{k}.tsv", sep="\t") for k in range(FOLDS)]
+        ens = pd.read_csv(folder / "ensemble.tsv", sep="\t")
+        assert sorted(ens["slide_id"]) == sorted(set(qc.index) - {"EXT-BAD", "EXT-NOMPP"})  # slide bags
+        assert np.allclose(ens["prob_positive"], np.mean([f["prob_positive"] for f in folds], axis=0), atol=1e-6)
+        rec = json.loads((folder / "prediction.json").read_text())
+        assert rec["labelled"] and rec["folds"] == list(range(FOLDS)) and len(rec["models"]) == FOLDS
+        # labelled external metrics equal scikit-learn on the ensemble's predictions
+        metrics = pd.read_csv(run / "results/metrics/subtype.tsv", sep="\t", dtype={"fold": str})
+        row = metrics[(metrics["cohort"] == "ext") & (metrics["method"] == "r18_abmilx") & (metrics["unit"] == "slide")
+                      & (metrics["fold"] == "ensemble") & (metrics["metric"] == "auc")]
+        assert len(row) == 1
+        assert np.isclose(row["point"].iloc[0], roc_auc_score(ens["label"] == "positive", ens["prob_positive"]),
+                          atol=1e-9)
+        assert {"0", "1", "folds", "ensemble"} <= set(metrics.loc[metrics["cohort"] == "ext", "fold"])
+        assert "newb" not in set(metrics["cohort"])  # unlabelled: predictions, no metrics
+        survival = pd.read_csv(run / "results/metrics/survival.tsv", sep="\t")
+        assert set(survival["cohort"]) == {"internal"}  # ext has no survival labels
+        paired = pd.read_csv(run / "results/metrics/subtype_paired.tsv", sep="\t")
+        assert "ext" in set(paired["cohort"])
+        table = (run / "results/tables/subtype.md").read_text()
+        assert "AUC (internal)" in table and "AUC (ext)" in table
+        # the unlabelled cohort: predictions of both tasks, without label columns
+        newb = pd.read_csv(run / "results/cohorts/newb/predictions/survival/r18_abmilx/ensemble.tsv", sep="\t")
+        cases = pd.read_csv(run / "resources/newb.tsv", sep="\t")["case_id"]
+        assert list(newb.columns) == ["case_id", "risk"] and sorted(newb["case_id"]) == sorted(set(cases))
+        # maps of the cohort: the mean over fold models, one GeoJSON measurement per model and head
+        gj = json.loads((run / "results/cohorts/ext/maps/subtype/r18_abmilx/EXT-S001.attention.geojson").read_text())
+        names = set(gj["features"][0]["properties"]["measurements"])
+        assert "attention mean" in names and {f"attention model {k + 1} head 1" for k in range(FOLDS)} <= names
+        assert (run / "results/cohorts/ext/figures/cohort").is_dir()
+        res = snakemake(run, config, "--report", str(run / "results/report.html"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "External cohorts" in (run / "results/report.html").read_text(errors="replace")
+        assert planned(run, config) == {}
+    assert planned(run, TINY) == {}  # the fixture is as it was

@@ -39,6 +39,8 @@ STEPS: dict[str, str] = {
     "tables": "e2epath.evaluate.tables:cli",
     "figures_task": "e2epath.figures:cli_task",
     "figures_cohort": "e2epath.figures:cli_cohort",
+    "predict_cohort": "e2epath.external:cli",
+    "slide_maps": "e2epath.figures.maps:cli",
     "predict": "e2epath.predict:cli",
 }
 

@@ -17,6 +17,16 @@ at parse time); ``write`` renders the slides and writes exactly those rows. Ever
 from ``seed``: the same seed gives a byte-identical sheet and label tables and identical pixels.
 Ground truth for attention maps goes to ``truth.tsv`` and ``truth/{slide}.png`` (the signal mask
 at ``TRUTH_MPP`` µm/px over the level-0 extent).
+
+A second, small *external* cohort (``design_external``, ``plan_external``, ``write_external``;
+``python -m e2epath demo --external``) demonstrates external validation — train on the demo
+cohort, test on this one, as TCGA → CPTAC. Same files, label columns and signal (so that a model
+trained on the demo can transfer), but ids of its own (``EXT-S001``…, ``EXT-C001``…, 1–2 slides
+a case) and "another scanner" (``EXTERNAL_SCANNER``): another H&E (hematoxylin bluer and darker,
+eosin paler and pinker, a cooler background), Aperio-SVS-like 40x at 0.2527 µm/px with levels
+1/2/8, generic TIFFs at 40x (0.243 µm/px) with levels 1/3/9, JPEG quality 80, and again one slide
+(20x, 0.486 µm/px) without resolution tags whose mpp only the sheet knows. Its random streams are
+its own, so it shares no slide with the demo cohort even at the same seed.
 """
 from __future__ import annotations
 
@@ -55,6 +65,50 @@ TUMOUR_NUCLEI = np.array([48.0, 18.0, 92.0])  # very dark purple
 PEN_COLOURS = {"green": (40, 150, 80), "blue": (40, 70, 180), "black": (45, 45, 55)}
 
 
+@dataclass(frozen=True, eq=False)
+class Stain:
+    """The colours (RGB, 0–255) one lab's H&E shows through one scanner's optics."""
+
+    background: np.ndarray  # glass
+    eosin: np.ndarray  # stroma
+    hematoxylin: np.ndarray  # ordinary nuclei
+    tumour_cytoplasm: np.ndarray  # under the signal's nuclei
+    tumour_nuclei: np.ndarray  # the signal's crowded large nuclei
+
+
+DEMO_STAIN = Stain(np.full(3, BACKGROUND), EOSIN, HEMATOXYLIN, TUMOUR_CYTOPLASM, TUMOUR_NUCLEI)
+# Another lab and scanner: hematoxylin bluer and darker, eosin paler and pinker, cooler glass; the
+# signal stays what it is (crowded, large, dark blue-purple nuclei on lavender), only shifted.
+EXTERNAL_STAIN = Stain(
+    background=np.array([238.0, 239.0, 244.0]),
+    eosin=np.array([244.0, 172.0, 190.0]),
+    hematoxylin=np.array([62.0, 54.0, 156.0]),
+    tumour_cytoplasm=np.array([186.0, 150.0, 222.0]),
+    tumour_nuclei=np.array([30.0, 20.0, 96.0]),
+)
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """What a cohort's scanner decides: stain colours, pyramid layouts, JPEG quality.
+
+    ``stream`` offsets the cohort's random streams (0: the demo cohort's), so two cohorts with
+    the same seed still get different cases, labels and pixels.
+    """
+
+    name: str
+    stain: Stain
+    svs_downsamples: tuple[int, ...]
+    tiff_downsamples: tuple[int, ...]
+    jpeg_quality: int
+    stream: int
+
+
+DEMO_SCANNER = Scanner("demo", DEMO_STAIN, (1, 4, 16), (1, 2, 4, 8), 90, 0)
+EXTERNAL_SCANNER = Scanner("external", EXTERNAL_STAIN, (1, 2, 8), (1, 3, 9), 80, 10)
+SCANNERS = {s.name: s for s in (DEMO_SCANNER, EXTERNAL_SCANNER)}
+
+
 @dataclass(frozen=True)
 class SlideSpec:
     """Everything ``plan`` decides about one slide; the pixels follow from it and the seed."""
@@ -68,6 +122,11 @@ class SlideSpec:
     positive: bool
     pen: str | None  # colour name of the pen mark, or None
     odd_size: bool
+    scanner_name: str = DEMO_SCANNER.name  # a key of SCANNERS
+
+    @property
+    def scanner(self) -> Scanner:
+        return SCANNERS[self.scanner_name]
 
     @property
     def path(self) -> str:
@@ -79,7 +138,7 @@ class SlideSpec:
 
     @property
     def downsamples(self) -> tuple[int, ...]:
-        return (1, 4, 16) if self.kind == "svs" else (1, 2, 4, 8)
+        return self.scanner.svs_downsamples if self.kind == "svs" else self.scanner.tiff_downsamples
 
     def size(self, scale: float = 1.0) -> tuple[int, int]:
         """Level-0 (width, height) in pixels; odd-sized slides are off by a few pixels."""
@@ -113,16 +172,36 @@ def _slide_kind(i: int) -> tuple[str, float, bool]:
     return "tiff", 0.5, True
 
 
-def design(n_slides: int, seed: int) -> list[SlideSpec]:
-    """Assign slides to cases, cases to classes, formats and pen marks — no pixels."""
+def _external_kind(i: int) -> tuple[str, float, bool]:
+    """Format, mpp and resolution tags of external slide ``i``.
+
+    Even slides are Aperio 40x at 0.2527 µm/px, odd ones generic TIFF 40x at 0.243 µm/px, except
+    slide 2 (``EXT-S002``), a 20x generic TIFF (0.486 µm/px) without resolution tags: the sheet
+    has its mpp.
+    """
+    if i % 2 == 0:
+        return "svs", 0.2527, True
+    if i == 1:
+        return "tiff", 0.486, False
+    return "tiff", 0.243, True
+
+
+def _check_n_slides(n_slides: int) -> None:
     if not 1 <= n_slides <= 999:
         raise ValueError(f"n_slides must be between 1 and 999, got {n_slides}")
-    rng = np.random.default_rng([seed, 1])
+
+
+def _cases(rng: np.random.Generator, n_slides: int, max_per_case: int) -> tuple[np.ndarray, set[int]]:
+    """Case (0-based) of every slide and the slides showing the signal.
+
+    About 0.75 cases a slide, at most ``max_per_case`` slides a case; half the cases (rounded
+    down) are positive whenever there are two or more.
+    """
     n_cases = max(1, int(n_slides * 0.75 + 0.5))
-    # every case gets one slide, the rest go to random cases (at most 3 slides a case)
+    # every case gets one slide, the rest go to random cases
     counts = np.ones(n_cases, int)
     for _ in range(n_slides - n_cases):
-        open_ = np.flatnonzero(counts < 3)
+        open_ = np.flatnonzero(counts < max_per_case)
         counts[rng.choice(open_)] += 1
     case_of_slide = rng.permutation(np.repeat(np.arange(n_cases), counts))
     positive_cases = set(rng.permutation(n_cases)[: n_cases // 2].tolist()) if n_cases > 1 else set()
@@ -132,22 +211,66 @@ def design(n_slides: int, seed: int) -> list[SlideSpec]:
         slides = np.flatnonzero(case_of_slide == c)
         keep = slides if len(slides) == 1 or rng.random() < 0.5 else slides[rng.permutation(len(slides))[:-1]]
         positive_slides.update(keep.tolist())
+    return case_of_slide, positive_slides
+
+
+def _pen_colours(rng: np.random.Generator, n_slides: int) -> dict[int, str]:
+    """Slide → pen colour for about a third of the slides."""
     pen_order = rng.permutation(n_slides)[: round(n_slides / 3)]
-    pen_colour = {int(i): list(PEN_COLOURS)[k % len(PEN_COLOURS)] for k, i in enumerate(pen_order)}
+    return {int(i): list(PEN_COLOURS)[k % len(PEN_COLOURS)] for k, i in enumerate(pen_order)}
+
+
+def design(n_slides: int, seed: int) -> list[SlideSpec]:
+    """Assign slides to cases, cases to classes, formats and pen marks — no pixels."""
+    return _design(n_slides, seed, DEMO_SCANNER, _slide_kind, ("DEMO-S", "CASE-"), max_per_case=3)
+
+
+def design_external(n_slides: int, seed: int) -> list[SlideSpec]:
+    """The external cohort's slides ("another scanner"): ids ``EXT-S…``/``EXT-C…``, 1–2 slides a case.
+
+    Both classes are present whenever ``n_slides`` ≥ 2; no pixels.
+    """
+    return _design(n_slides, seed, EXTERNAL_SCANNER, _external_kind, ("EXT-S", "EXT-C"), max_per_case=2)
+
+
+def _design(n_slides: int, seed: int, scanner: Scanner, kind_of, prefixes: tuple[str, str],
+            max_per_case: int) -> list[SlideSpec]:
+    """A cohort's slides from its scanner's random stream: cases, classes, formats (``kind_of``), pens."""
+    _check_n_slides(n_slides)
+    rng = np.random.default_rng([seed, 1 + scanner.stream])
+    case_of_slide, positive_slides = _cases(rng, n_slides, max_per_case=max_per_case)
+    pen_colour = _pen_colours(rng, n_slides)
     specs = []
     for i in range(n_slides):
-        kind, mpp, res = _slide_kind(i)
+        kind, mpp, res = kind_of(i)
         specs.append(SlideSpec(
-            index=i, slide_id=f"DEMO-S{i + 1:03d}", case_id=f"CASE-{case_of_slide[i] + 1:03d}",
+            index=i, slide_id=f"{prefixes[0]}{i + 1:03d}", case_id=f"{prefixes[1]}{case_of_slide[i] + 1:03d}",
             kind=kind, mpp=mpp, write_resolution=res, positive=i in positive_slides,
-            pen=pen_colour.get(i), odd_size=i % 3 == 1))
+            pen=pen_colour.get(i), odd_size=i % 3 == 1, scanner_name=scanner.name))
     return specs
+
+
+def _sheet(specs: list[SlideSpec]) -> pd.DataFrame:
+    rows = [(s.slide_id, s.path, s.case_id, s.sheet_mpp) for s in specs]
+    return pd.DataFrame(rows, columns=SHEET_COLUMNS).astype({"mpp": float})
 
 
 def plan(n_slides: int, seed: int) -> pd.DataFrame:
     """The sample sheet rows ``write`` will produce (``path`` relative to the sheet's folder)."""
-    rows = [(s.slide_id, s.path, s.case_id, s.sheet_mpp) for s in design(n_slides, seed)]
-    return pd.DataFrame(rows, columns=SHEET_COLUMNS).astype({"mpp": float})
+    return _sheet(design(n_slides, seed))
+
+
+def plan_external(n_slides: int, seed: int) -> pd.DataFrame:
+    """The sample sheet rows ``write_external`` will produce (``path`` relative to the sheet's folder)."""
+    return _sheet(design_external(n_slides, seed))
+
+
+def _stream(specs: list[SlideSpec]) -> int:
+    """The random-stream offset of the cohort ``specs`` belong to (one cohort at a time)."""
+    streams = {s.scanner.stream for s in specs}
+    if len(streams) > 1:
+        raise ValueError("slides of more than one cohort")
+    return streams.pop() if streams else DEMO_SCANNER.stream
 
 
 def subtype_labels(specs: list[SlideSpec]) -> pd.DataFrame:
@@ -161,7 +284,7 @@ def subtype_labels(specs: list[SlideSpec]) -> pd.DataFrame:
 
 def survival_labels(specs: list[SlideSpec], seed: int) -> pd.DataFrame:
     """``case_id,time,event``: months; positive cases die sooner, about 70 % of events observed."""
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, 2 + _stream(specs)])
     rows = []
     for case_id, label in subtype_labels(specs).itertuples(index=False):
         t = rng.exponential(12.0 if label == "positive" else 40.0)
@@ -277,9 +400,13 @@ def _stroma(rng: np.random.Generator, shape: tuple[int, int], base: np.ndarray) 
     return cv2.merge([cv2.convertScaleAbs(depth, alpha=-(255 - c), beta=255) for c in base])
 
 
-def render_slide(spec: SlideSpec, seed: int, scale: float = 1.0) -> RenderedSlide:
-    """Paint one slide at ``CANVAS_MPP`` and resample it to its level-0 size."""
-    rng = np.random.default_rng([seed, 3, spec.index])
+def render_slide(spec: SlideSpec, seed: int, scale: float = 1.0, stain: Stain | None = None) -> RenderedSlide:
+    """Paint one slide at ``CANVAS_MPP`` and resample it to its level-0 size.
+
+    ``stain`` colours it (default: its scanner's); the masks and geometry do not depend on it.
+    """
+    stain = spec.scanner.stain if stain is None else stain
+    rng = np.random.default_rng([seed, 3 + spec.scanner.stream, spec.index])
     w, h = spec.size(scale)
     canvas = (round(w * spec.mpp / CANVAS_MPP), round(h * spec.mpp / CANVAS_MPP))
     coarse = (max(8, round(w * spec.mpp / MASK_MPP)), max(8, round(h * spec.mpp / MASK_MPP)))
@@ -289,19 +416,20 @@ def render_slide(spec: SlideSpec, seed: int, scale: float = 1.0) -> RenderedSlid
     signal = _signal_mask(rng, tissue, CANVAS_MPP) if spec.positive else np.zeros_like(tissue)
 
     shape = tissue.shape
-    rgb = np.full((*shape, 3), BACKGROUND, np.uint8)
-    cv2.copyTo(_stroma(rng, shape, EOSIN), tissue.astype(np.uint8), rgb)
+    rgb = np.full((*shape, 3), stain.background, np.uint8)
+    cv2.copyTo(_stroma(rng, shape, stain.eosin), tissue.astype(np.uint8), rgb)
     if signal.any():  # lavender cytoplasm under the tumour nuclei, soft-edged
         ys, xs = np.nonzero(signal[::4, ::4])
         y0, y1, x0, x1 = max(0, ys.min() * 4 - 16), ys.max() * 4 + 20, max(0, xs.min() * 4 - 16), xs.max() * 4 + 20
         a = 0.85 * cv2.GaussianBlur(signal[y0:y1, x0:x1].astype(np.float32), (0, 0), 3)[..., None]
         box = rgb[y0:y1, x0:x1]
-        box[:] = (box * (1 - a) + TUMOUR_CYTOPLASM * a).round().astype(np.uint8)
+        box[:] = (box * (1 - a) + stain.tumour_cytoplasm * a).round().astype(np.uint8)
     # stromal cells, lymphocytes; crowded large dark nuclei in the signal regions
     ordinary = tissue & ~signal
-    _nuclei(rng, rgb, ordinary, 3500, (6, 10), (3, 5.5), HEMATOXYLIN, (0.6, 0.9), EOSIN)
-    _nuclei(rng, rgb, ordinary, 800, (4.5, 6), (4, 5.5), HEMATOXYLIN, (0.8, 1.0), EOSIN)
-    _nuclei(rng, rgb, signal, 9000, (10, 16), (7, 11), TUMOUR_NUCLEI, (0.75, 1.0), TUMOUR_CYTOPLASM)
+    _nuclei(rng, rgb, ordinary, 3500, (6, 10), (3, 5.5), stain.hematoxylin, (0.6, 0.9), stain.eosin)
+    _nuclei(rng, rgb, ordinary, 800, (4.5, 6), (4, 5.5), stain.hematoxylin, (0.8, 1.0), stain.eosin)
+    _nuclei(rng, rgb, signal, 9000, (10, 16), (7, 11), stain.tumour_nuclei, (0.75, 1.0),
+            stain.tumour_cytoplasm)
     if spec.pen:
         _pen_mark(rng, rgb, spec.pen)
     noise = rng.integers(0, 7, shape, dtype=np.uint8)  # sensor noise, same on all channels
@@ -345,10 +473,11 @@ def write_slide(spec: SlideSpec, path: Path, slide: RenderedSlide) -> None:
     """Write ``slide`` in the format ``spec`` asks for."""
     if spec.kind == "svs":
         write_aperio_svs(path, slide.rgb, mpp=spec.mpp, app_mag=round(10 / spec.mpp),
-                         downsamples=spec.downsamples, label=_label_image(spec))
+                         downsamples=spec.downsamples, quality=spec.scanner.jpeg_quality,
+                         label=_label_image(spec))
     else:
         write_generic_tiff(path, slide.rgb, mpp=spec.mpp if spec.write_resolution else None,
-                           downsamples=spec.downsamples)
+                           downsamples=spec.downsamples, quality=spec.scanner.jpeg_quality)
 
 
 def _truth_mask(slide: RenderedSlide) -> np.ndarray:
@@ -377,53 +506,73 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def write(out_dir: str | Path, n_slides: int, seed: int, scale: float = 1.0) -> None:
-    """Write the demo cohort to ``out_dir``: slides.tsv, slides/, labels/, truth.tsv, truth/.
-
-    ``scale`` shrinks the physical slide size (tests use small slides); the sheet is the same.
-    """
+def _check_scale(scale: float) -> None:
     if not 0.05 <= scale <= 4:
         raise ValueError(f"scale must be between 0.05 and 4 (physical slide size factor), got {scale}")
-    out_dir = Path(out_dir)
+
+
+def _write_cohort(out_dir: Path, specs: list[SlideSpec], seed: int, scale: float, meta: dict) -> None:
+    """Render and write ``specs`` with their sheet, labels and ground truth into a temporary folder,
+    then move it to ``out_dir`` (so a half-written cohort never looks finished)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    specs = design(n_slides, seed)
     labels = subtype_labels(specs)
-    logger.info("demo cohort: %d slides, %d cases (%d positive), seed %d, scale %g -> %s",
-                len(specs), len(labels), (labels.label == "positive").sum(), seed, scale, out_dir)
+    logger.info("%s cohort: %d slides, %d cases (%d positive), seed %d, scale %g -> %s",
+                specs[0].scanner_name, len(specs), len(labels), (labels.label == "positive").sum(), seed,
+                scale, out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".part", dir=out_dir.parent))
     try:
         for sub in ("slides", "labels", "truth"):
             (tmp / sub).mkdir()
         truth = []
-        for spec in tqdm(specs, desc="demo slides", unit="slide"):
+        for spec in tqdm(specs, desc=f"{specs[0].scanner_name} slides", unit="slide"):
             slide = render_slide(spec, seed, scale)
             write_slide(spec, tmp / spec.path, slide)
             cv2.imwrite(str(tmp / "truth" / f"{spec.slide_id}.png"), _truth_mask(slide))
             truth.append((spec.slide_id, spec.case_id, spec.kind, spec.mpp, int(spec.positive),
                           spec.pen or "", round(float(slide.signal.sum() / max(1, slide.tissue.sum())), 5)))
             del slide
-        plan(n_slides, seed).to_csv(tmp / "slides.tsv", sep="\t", index=False)
+        _sheet(specs).to_csv(tmp / "slides.tsv", sep="\t", index=False)
         labels.to_csv(tmp / "labels" / "subtype.csv", index=False)
         survival_labels(specs, seed).to_csv(tmp / "labels" / "survival.csv", index=False)
         pd.DataFrame(truth, columns=["slide_id", "case_id", "format", "mpp", "positive", "pen_mark",
                                      "signal_fraction_of_tissue"]).to_csv(tmp / "truth.tsv", sep="\t", index=False)
-        (tmp / "demo.json").write_text(json.dumps(
-            {"n_slides": n_slides, "seed": seed, "scale": scale, "truth_mpp": TRUTH_MPP}, indent=1) + "\n")
+        (tmp / "demo.json").write_text(json.dumps(meta, indent=1) + "\n")
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write(out_dir: str | Path, n_slides: int, seed: int, scale: float = 1.0) -> None:
+    """Write the demo cohort to ``out_dir``: slides.tsv, slides/, labels/, truth.tsv, truth/.
+
+    ``scale`` shrinks the physical slide size (tests use small slides); the sheet is the same.
+    """
+    _check_scale(scale)
+    _write_cohort(Path(out_dir), design(n_slides, seed), seed, scale,
+                  {"n_slides": n_slides, "seed": seed, "scale": scale, "truth_mpp": TRUTH_MPP})
+
+
+def write_external(out_dir: str | Path, n_slides: int, seed: int, scale: float = 1.0) -> None:
+    """Write the external cohort ("another scanner") to ``out_dir``, the same files as ``write``."""
+    _check_scale(scale)
+    _write_cohort(Path(out_dir), design_external(n_slides, seed), seed, scale,
+                  {"cohort": "external", "n_slides": n_slides, "seed": seed, "scale": scale,
+                   "truth_mpp": TRUTH_MPP})
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m e2epath demo --out resources/demo --n-slides 24 --seed 0 --scale 1``."""
+    """``python -m e2epath demo [--external] --out resources/demo --n-slides 24 --seed 0 --scale 1``."""
     ap = argparse.ArgumentParser(prog="e2epath demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="cohort folder to write")
     ap.add_argument("--n-slides", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--scale", type=float, required=True, help="physical slide size factor (tests: < 1)")
+    ap.add_argument("--external", action="store_true",
+                    help="write the small external cohort (another scanner, ids EXT-…) instead")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    write(args.out, n_slides=args.n_slides, seed=args.seed, scale=args.scale)
+    writer = write_external if args.external else write
+    writer(args.out, n_slides=args.n_slides, seed=args.seed, scale=args.scale)
     return 0
 
 

@@ -69,6 +69,38 @@ TABLE_TEX = "results/tables/{task}.tex"
 TASK_FIGURES = "results/figures/{task}"
 COHORT_FIGURES = "results/figures/cohort"
 
+# Slide-level attention maps of a method's test slides (every fold's), files per slide as PREDICT_FILES
+MAPS = "results/maps/{task}/{method}"
+MAPS_INDEX = "index.tsv"  # in a maps folder: one row per slide, its status and files
+
+# ------------------------------------------------------------------ external cohorts (config `cohorts:`)
+# A cohort's slides go through the training cohort's preprocessing into a tree of their own, the
+# per-slide and per-cohort files above under COHORT_DIR (`in_cohort`), so the training cohort's files
+# and reruns are untouched. Every fold model of a method predicts every bag of the cohort:
+COHORT_DIR = "results/cohorts/{cohort}"
+COHORT_PREDICTIONS = "results/cohorts/{cohort}/predictions/{task}/{method}"
+COHORT_FILES = {
+    "predictions": "fold{fold}.tsv",  # a fold model's predictions (the test predictions' columns)
+    "attention": "fold{fold}.attention.npz",  # its attention (the training runs' attention.npz format)
+    "ensemble": "ensemble.tsv",  # mean probability / risk over the fold models
+    "record": "prediction.json",  # task, method, family, cohort, folds, the model files and their sha256
+}
+
+
+def in_cohort(pattern: str, cohort: str = "{cohort}") -> str:
+    """A ``results/...`` pattern of the training cohort → the same file of external cohort ``cohort``."""
+    if not pattern.startswith("results/"):
+        raise ValueError(f"{pattern}: not a results/ path")
+    return f"{COHORT_DIR.format(cohort=cohort)}/{pattern[len('results/'):]}"
+
+
+def cohort_file(name: str, cohort: str = "{cohort}", task: str = "{task}", method: str = "{method}",
+                fold: int | str = "{fold}") -> str:
+    """Path (or pattern) of file ``name`` (COHORT_FILES) of a method's predictions of a cohort."""
+    folder = COHORT_PREDICTIONS.format(cohort=cohort, task=task, method=method)
+    return f"{folder}/{COHORT_FILES[name].format(fold=fold)}"
+
+
 # ------------------------------------------------------------------ a training run
 RUN_DIR = "results/{family}/{task}/{method}/fold{fold}"
 RUN_FILES = {

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -41,18 +40,18 @@ from torch import nn
 
 from .data import Bag
 from .devices import torch_device
-from .figures.heatmaps import patch_montage, slide_heatmap, tissue_rings, write_geojson
-from .io import atomic_path, write_bytes, write_json
+from .figures.heatmaps import tissue_rings
+from .figures.maps import measurements, patch_side_l0, write_slide_maps
+from .io import atomic_path, write_json
+from .external import ModelFileError, read_model, rebuild
 from .layout import PREDICT_FILES
-from .models import build_aggregator
-from .models.encoders import file_sha256, make_encoder
+from .models.encoders import file_sha256
 from .preprocess.patching import PatchParams, patch_to_files
 from .preprocess.qc import slide_qc
 from .preprocess.tissue import run as segment_tissue
 from .preprocess.tissue import tissue_params
 from .store import LmdbReader, close_all
-from .train.e2e import E2EModel, predict_bag
-from .train.job import MODEL_FORMAT
+from .train.e2e import predict_bag
 from .train.tasks import scores
 from .vocabulary import ID_RE
 
@@ -60,10 +59,6 @@ logger = logging.getLogger(__name__)
 
 # What must agree between the models of one ensemble (they predict one slide from one store).
 SHARED = ("task_type", "classes", "eval_magnification", "preprocess")
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be deployed; the message names it and what to do."""
 
 
 @dataclass
@@ -87,39 +82,17 @@ class Deployed:
 
 
 def load_model(path: Path, dev: torch.device) -> Deployed:
-    """A model file → the model; ModelFileError for a file that cannot be deployed."""
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    try:
-        rec = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - name the file, whatever torch says
-        raise ModelFileError(f"{path}: not a readable e2epath model file ({type(err).__name__}: {err})") from err
-    if not isinstance(rec, dict) or "spec" not in rec or "model" not in rec:
-        raise ModelFileError(f"{path}: not an e2epath model file (results/{{e2e,twostage}}/TASK/METHOD/foldK/model.pt)")
-    if rec.get("format_version", 1) < MODEL_FORMAT or not rec.get("preprocess"):
-        raise ModelFileError(f"{path}: written before e2epath recorded the preprocessing settings in model files "
-                             f"(format {rec.get('format_version', 1)}, need {MODEL_FORMAT}); it cannot prepare new "
-                             "slides as its training slides were. Retrain it with this version: snakemake reruns "
-                             "its training job (the job's parameters changed)")
+    """A model file → the model (`external.read_model`, `external.rebuild`), with a two-stage model's
+    feature encoder built exactly as its feature jobs built it (weights policy, seeded init);
+    ModelFileError for a file that cannot be deployed."""
+    rec = read_model(path)
     spec = rec["spec"]
-    if "encoder_spec" not in spec:
-        raise ModelFileError(f"{path}: its spec has no encoder_spec; retrain it with this version")
-    kw = spec.get("aggregator_kw", {})
+    net = rebuild(rec, path)
     feature_encoder = None
-    if spec["family"] == "e2e":
-        encoder = make_encoder(spec["encoder_spec"])
-        aggregator = build_aggregator(spec["aggregator"], encoder.out_dim, rec["n_outputs"], **kw)
-        net: nn.Module = E2EModel(encoder, aggregator)
-    else:
+    if spec["family"] != "e2e":
         from .features import build_frozen_encoder
 
-        net = build_aggregator(spec["aggregator"], rec["in_dim"], rec["n_outputs"], **kw)
-        # the features' encoder exactly as the feature jobs built it (weights policy, seeded init)
         feature_encoder = build_frozen_encoder(spec["encoder_spec"], spec["weights"], rec["seed"], dev)
-    try:
-        net.load_state_dict(rec["model"], strict=True)
-    except RuntimeError as err:
-        raise ModelFileError(f"{path}: its weights do not fit its own spec ({err}); the file is damaged") from err
     logger.info("model %s: %s %s/%s fold %s, %s, %s at %dx, weights %s (epoch %s)", path, spec["family"],
                 rec.get("task"), spec["name"], rec.get("fold"), spec["task_type"], spec["encoder"],
                 spec["eval_magnification"], rec.get("weights"), rec.get("best_epoch"))
@@ -188,17 +161,6 @@ def prepare(path: Path, slide: str, mpp: float | None, prep: dict[str, Any], mag
     return qc, json.loads(paths["geojson"].read_text()), row
 
 
-def measurements(attentions: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """QuPath measurement columns: each head of each model, and the mean over heads and models."""
-    out: dict[str, np.ndarray] = {}
-    for m, attn in enumerate(attentions):
-        for h, values in enumerate(attn):
-            name = f"attention head {h + 1}" if len(attentions) == 1 else f"attention model {m + 1} head {h + 1}"
-            out[name] = values
-    out["attention mean"] = np.mean([a.mean(axis=0) for a in attentions], axis=0)
-    return out
-
-
 def predict_slide(path: Path, slide: str, models: list[Deployed], out: Path, args: argparse.Namespace,
                   dev: torch.device) -> dict[str, Any]:
     """Everything `predict` writes for one slide; returns its summary (also written)."""
@@ -233,22 +195,11 @@ def predict_slide(path: Path, slide: str, models: list[Deployed], out: Path, arg
         table = pd.concat([per_model, ensemble], ignore_index=True)
         with atomic_path(out / files["predictions"]) as t:
             table.to_csv(t, sep="\t", index=False)
-        coords = store.coords.astype(np.int64)
-        meta = store.meta  # patch side in level-0 px: output px × level px per output px × level-0 px per level px
-        patch_l0 = float(meta["patch_size"] * meta["scale"] * meta["read_downsample"])
-        meas = measurements(attentions)
-        mean = meas["attention mean"]
-        rings = tissue_rings(tissue)
-        rgb = slide_heatmap(path, qc["mpp"], coords, mean, patch_l0, args.map_mpp, rings)
-        write_bytes(out / files["map"], _png(rgb))
-        order = np.argsort(-mean, kind="stable")
-        k = min(args.top_k, len(order))
-        picks = list(order[:k]) + [i for i in order[::-1][:k] if i not in set(order[:k])]
-        labels = [f"{'top' if n < k else 'low'} {coords[i, 0]},{coords[i, 1]}" for n, i in enumerate(picks)]
-        write_bytes(out / files["montage"], _png(patch_montage([store.get_rgb(int(i)) for i in picks], labels,
-                                                                     cols=max(k, 1))))
-        write_geojson(out / files["geojson"], coords, patch_l0, meas,
-                      {"slide_id": slide, "magnification": mag, "patch_size_level0": patch_l0})
+        coords = store.coords.astype(np.int64)  # the attention's patches are the store's, in its order
+        patch_l0 = patch_side_l0(store.meta)
+        write_slide_maps(out, slide, path, qc["mpp"], coords, measurements(attentions), patch_l0,
+                         tissue_rings(tissue), store.get_rgb, args.map_mpp, args.top_k,
+                         {"slide_id": slide, "magnification": mag, "patch_size_level0": patch_l0})
         prediction = {c: float(ensemble.at[0, c]) for c in ensemble.columns if c != "model"}
         summary.update(status="ok", n_patches=len(store), patch_size_level0=patch_l0, prediction=prediction,
                        per_model=per_model.to_dict(orient="records"), classes=classes,
@@ -260,13 +211,6 @@ def predict_slide(path: Path, slide: str, models: list[Deployed], out: Path, arg
                 ", ".join(f"{k} {v:.4f}" for k, v in summary["prediction"].items()))
     write_json(out / files["summary"], summary)
     return summary
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def cli(argv: list[str] | None = None) -> int:

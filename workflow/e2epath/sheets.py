@@ -6,12 +6,15 @@ user fixes their sheet in one pass instead of one error per run.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from .vocabulary import ID_RE, ID_RULE, TASK_TYPES
+
+logger = logging.getLogger(__name__)
 
 
 class SheetError(ValueError):
@@ -143,6 +146,44 @@ def validate_all(config: dict, check_files: bool = True) -> pd.DataFrame:
             problems += err.problems
     if problems:
         raise SheetError(problems)
+    return samples
+
+
+def validate_cohort(name: str, spec: dict, tasks: dict, check_files: bool = True,
+                    training_cases: set[str] | None = None) -> pd.DataFrame:
+    """Validate an external cohort (config ``cohorts.<name>``): its sheet, and each label table it
+    gives — for a task of the config, every labelled case with slides in the cohort's sheet. Cases
+    without a label are predicted and not scored. Returns the sheet."""
+    problems: list[str] = []
+    if not ID_RE.match(name):
+        problems.append(f"config cohorts: cohort name {name!r} may only contain {ID_RULE}")
+    try:
+        samples = load_samples(spec["samples"], check_files=check_files)
+    except SheetError as err:
+        raise SheetError([f"cohort {name!r}: {p}" for p in err.problems]) from err
+    cases = set(samples["case_id"])
+    for task, path in (spec.get("labels") or {}).items():
+        if task not in tasks:
+            problems.append(f"config cohorts.{name}.labels: {task!r} is not a task of the config "
+                            f"({', '.join(tasks)}); a cohort's labels score the trained tasks only")
+            continue
+        try:
+            labels = load_labels(path, task, tasks[task]["type"])
+        except SheetError as err:
+            problems += [f"cohort {name!r}: {p}" for p in err.problems]
+            continue
+        for i, case in labels["case_id"].items():
+            if case not in cases:
+                problems.append(f"{path} (cohort {name!r}, task {task!r}) row {i + 2}: case {case!r} has no "
+                                f"slide in {spec['samples']}; add its slides or drop the row")
+    if problems:
+        raise SheetError(problems)
+    if training_cases:
+        shared = sorted(cases & training_cases)
+        if shared:
+            logger.warning("cohort %s: %d case id(s) also in the training cohort (%s%s): if they are the same "
+                           "patients, this is not an external validation", name, len(shared),
+                           ", ".join(shared[:5]), ", ..." if len(shared) > 5 else "")
     return samples
 
 

@@ -39,6 +39,11 @@ FAMILY_LABELS = {"e2e": "E2E", "twostage": "two-stage"}
 AGGREGATORS = ("abmilx", "abmil", "abmil_gated", "transmil", "dsmil", "mean")
 
 
+# The training cohort in tables with a `cohort` column (its pooled test folds); config `cohorts:`
+# names the external ones, and may not take this name.
+INTERNAL = "internal"
+
+
 def check_id(value: str, what: str) -> str:
     """``value`` if it is a valid id, else a ValueError naming ``what`` and the rule."""
     if not isinstance(value, str) or not ID_RE.match(value):

@@ -34,6 +34,23 @@ else:
 SAMPLES = SAMPLES.set_index("slide_id", drop=False)
 SLIDES = list(SAMPLES.index)
 TASKS = config["tasks"]
+# External cohorts (config `cohorts:`): name → sample sheet, validated with their label tables at
+# parse time; a demo cohort (`cohorts.<name>.demo`) is planned here and written by `demo_external`.
+COHORTS = {}
+DEMO_COHORTS = {}
+for _name, _spec in config["cohorts"].items():
+    if config["demo"]["enabled"] and _spec.get("demo") is not None and not Path(_spec["samples"]).exists():
+        from e2epath import demo
+
+        DEMO_COHORTS[_name] = _spec["demo"]
+        _sheet = demo.plan_external(_spec["demo"]["n_slides"], _spec["demo"]["seed"])
+        _sheet["path"] = [str((Path(_spec["samples"]).parent / p).resolve()) for p in _sheet["path"]]
+    else:
+        try:
+            _sheet = sheets.validate_cohort(_name, _spec, TASKS, training_cases=set(SAMPLES["case_id"]))
+        except sheets.SheetError as err:
+            raise WorkflowError(str(err))
+    COHORTS[_name] = _sheet.set_index("slide_id", drop=False)
 MAGS = config["preprocess"]["magnifications"]
 try:
     RESOLVED = resolve(config)  # task → method → the hyper-parameters its jobs receive (e2epath.methods)
@@ -51,6 +68,13 @@ for task, specs in RESOLVED.items():
                                 "them there, or set the method's sampling")
 # What a model file records of the preprocessing (not the magnification list or sharding: adding 40x
 # or shards reruns no training), so `python -m e2epath predict` prepares new slides the same way.
+# What an external cohort is patched at: the magnifications the methods predict from (E2E: the
+# evaluation one; two-stage: the feature one and the coarser ones its features may fall back to).
+COHORT_MAGS = sorted(
+    {spec["eval_magnification"] for specs in RESOLVED.values() for spec in specs.values() if spec["family"] == "e2e"}
+    | {m for m in MAGS if m <= config["twostage"]["magnification"]
+       if any(spec["family"] == "twostage" for specs in RESOLVED.values() for spec in specs.values())}
+)
 PREPROCESS_JSON = json.dumps({k: v for k, v in config["preprocess"].items() if k not in ("magnifications", "shards")},
                              sort_keys=True)
 # GPU rules ask for one `gpu` where this machine has GPUs. On a CPU-only machine they ask for none,
@@ -90,6 +114,7 @@ wildcard_constraints:
     family="|".join(FAMILIES),
     encoder="|".join(re.escape(name) for name in ENCODER_SPECS),
     source="|".join(layout.WEIGHTS_SOURCES),
+    cohort="|".join(re.escape(name) for name in COHORTS) or "(?!)",  # no cohorts: matches nothing
 
 
 def slide_path(wildcards):
@@ -220,9 +245,86 @@ def method_features(wildcards):
                     mag=config["twostage"]["magnification"])
 
 
+# ------------------------------------------------------------------ external cohorts
+
+
+def cohort_sheet(wildcards):
+    return COHORTS[wildcards.cohort]
+
+
+def cohort_slide_path(wildcards):
+    return cohort_sheet(wildcards).loc[wildcards.slide, "path"]
+
+
+def cohort_sheet_mpp(wildcards):
+    mpp = cohort_sheet(wildcards).loc[wildcards.slide, "mpp"]
+    return None if mpp != mpp or mpp is None else float(mpp)  # NaN check
+
+
+def cohort_case_of(wildcards):
+    return cohort_sheet(wildcards).loc[wildcards.slide, "case_id"]
+
+
+def cohort_items(pattern, cohort, **wildcards):
+    """A per-slide pattern of the training cohort → that file of every slide of external ``cohort``."""
+    return expand(layout.in_cohort(pattern, cohort), slide=COHORTS[cohort].index, **wildcards)
+
+
+def cohort_labels(cohort, task):
+    """The cohort's label table of ``task``, or None (predicted, not scored)."""
+    return (config["cohorts"][cohort].get("labels") or {}).get(task)
+
+
+def labelled_cohorts(task):
+    return [c for c in COHORTS if cohort_labels(c, task)]
+
+
+def method_models(wildcards):
+    """The fold models of a method (every fold predicts an external cohort)."""
+    m = wildcards.method
+    return [layout.run_file("model", FAMILY[m], wildcards.task, m, k) for k in folds()]
+
+
+def cohort_inputs(wildcards):
+    """What a method reads of a cohort: E2E the patch rows at its evaluation magnification; two-stage
+    the cohort's features of its encoder."""
+    spec = method_spec(wildcards)
+    if spec["family"] == "e2e":
+        return cohort_items(layout.PATCH_ROW, wildcards.cohort, mag=spec["eval_magnification"])
+    return cohort_items(layout.FEATURES, wildcards.cohort, encoder=spec["encoder"],
+                        mag=config["twostage"]["magnification"])
+
+
+def cohort_predictions(task, name="record"):
+    """File ``name`` (layout.COHORT_FILES) of every method's predictions of every cohort labelled
+    for ``task`` (what its evaluation reads)."""
+    return [layout.cohort_file(name, c, task, m) for c in labelled_cohorts(task) for m in RESOLVED[task]]
+
+
+def map_methods(task):
+    """Methods whose attention is worth a map (mean pooling's is uniform)."""
+    return [m for m, spec in RESOLVED[task].items() if spec["aggregator"] != "mean"]
+
+
 def all_outputs():
     outs = [layout.QC_TABLE, layout.MANIFEST]
     for pattern in (layout.SPLITS, layout.METRICS, layout.TABLE_MD, layout.TASK_FIGURES):
         outs += expand(pattern, task=TASKS)
     outs += [layout.COHORT_FIGURES]
+    outs += predict_outputs()
+    if config["maps"]["enabled"]:
+        outs += [layout.MAPS.format(task=t, method=m) for t in TASKS for m in map_methods(t)]
+    return outs
+
+
+def predict_outputs():
+    """Every method's predictions of every external cohort (the `predict` target), their maps and
+    each cohort's QC figures."""
+    outs = []
+    for cohort in COHORTS:
+        outs.append(layout.in_cohort(layout.COHORT_FIGURES, cohort))
+        for task in TASKS:
+            outs += [layout.cohort_file("ensemble", cohort, task, m) for m in RESOLVED[task]]
+            if config["maps"]["enabled"]:
+                outs += [layout.in_cohort(layout.MAPS, cohort).format(task=task, method=m) for m in map_methods(task)]
     return outs

@@ -4,6 +4,7 @@
 rule evaluate:
     input:
         runs=lambda w: run_files(w.task, "run"),  # each run says its family, method and fold
+        cohorts=lambda w: cohort_predictions(w.task),  # labelled external cohorts' predictions
     output:
         out=layout.METRICS,
         paired_out=layout.PAIRED,

@@ -58,3 +58,30 @@ rule figures_cohort:
         runtime=20,
     script:
         "../scripts/step.py"
+
+
+# Slide-level attention maps of every test slide of a method (PNG overlay, top/bottom patch montage,
+# QuPath GeoJSON; e2epath.figures.maps), each slide from the fold that tested it.
+rule maps:
+    input:
+        attention=lambda w: [layout.run_file("attention", FAMILY[w.method], w.task, w.method, k) for k in folds()],
+        slides=layout.QC_TABLE,
+        rows=lambda w: patch_rows([method_spec(w)["eval_magnification"]]),  # the stores (after the contours)
+    output:
+        out_dir=directory(layout.MAPS),
+    params:
+        step="slide_maps",
+        contours_dir=layout.folder(layout.TISSUE_CONTOURS),
+        map_mpp=config["maps"]["mpp"],
+        top_k=config["maps"]["top_k"],
+    log:
+        "results/logs/maps/{task}/{method}.log",
+    benchmark:
+        "results/benchmarks/maps/{task}/{method}.tsv"
+    conda:
+        "../../envs/evaluate.yaml"
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=60,
+    script:
+        "../scripts/step.py"

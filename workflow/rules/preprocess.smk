@@ -28,86 +28,85 @@ if DEMO:
 
 
 # One job per slide and step (the default), or per shard of slides (preprocess.shards > 0;
-# e2epath.shards): the same steps and per-slide files, a far smaller DAG.
-if not SHARDS:
+# e2epath.shards): the same steps and per-slide files, a far smaller DAG. The per-slide rules are
+# also the external cohorts' (`use rule ... as cohort_*`: workflow/rules/external.smk).
+rule slide_qc:
+    input:
+        path=slide_path,
+    output:
+        out=layout.QC_RECORD,
+    params:
+        step="qc",
+        slide_id="{slide}",
+        case_id=case_of,
+        sheet_mpp=sheet_mpp,
+    log:
+        "results/logs/slide_qc/{slide}.log",
+    benchmark:
+        "results/benchmarks/slide_qc/{slide}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    resources:
+        mem_mb=per_attempt(1000),
+        runtime=MINUTES_PER_SLIDE["slide_qc"],
+    script:
+        "../scripts/step.py"
 
-    rule slide_qc:
-        input:
-            path=slide_path,
-        output:
-            out=layout.QC_RECORD,
-        params:
-            step="qc",
-            slide_id="{slide}",
-            case_id=case_of,
-            sheet_mpp=sheet_mpp,
-        log:
-            "results/logs/slide_qc/{slide}.log",
-        benchmark:
-            "results/benchmarks/slide_qc/{slide}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        resources:
-            mem_mb=per_attempt(1000),
-            runtime=MINUTES_PER_SLIDE["slide_qc"],
-        script:
-            "../scripts/step.py"
+rule tissue:
+    input:
+        qc=layout.QC_RECORD,
+    output:
+        mask_out=layout.TISSUE_MASK,
+        geojson_out=layout.TISSUE_CONTOURS,
+        thumb_out=layout.TISSUE_THUMB,
+    params:
+        step="tissue",
+        preset=config["preprocess"]["tissue"]["preset"],
+        seg_mpp=config["preprocess"]["tissue"]["seg_mpp"],
+    log:
+        "results/logs/tissue/{slide}.log",
+    benchmark:
+        "results/benchmarks/tissue/{slide}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=MINUTES_PER_SLIDE["tissue"],
+    script:
+        "../scripts/step.py"
 
-    rule tissue:
-        input:
-            qc=layout.QC_RECORD,
-        output:
-            mask_out=layout.TISSUE_MASK,
-            geojson_out=layout.TISSUE_CONTOURS,
-            thumb_out=layout.TISSUE_THUMB,
-        params:
-            step="tissue",
-            preset=config["preprocess"]["tissue"]["preset"],
-            seg_mpp=config["preprocess"]["tissue"]["seg_mpp"],
-        log:
-            "results/logs/tissue/{slide}.log",
-        benchmark:
-            "results/benchmarks/tissue/{slide}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        resources:
-            mem_mb=per_attempt(4000),
-            runtime=MINUTES_PER_SLIDE["tissue"],
-        script:
-            "../scripts/step.py"
-
-    rule patch:
-        input:
-            qc=layout.QC_RECORD,
-            mask=layout.TISSUE_MASK,
-            geojson=layout.TISSUE_CONTOURS,
-        output:
-            lmdb_out=layout.PATCH_STORE,
-            row_out=layout.PATCH_ROW,
-        params:
-            step="patch",
-            magnification="{mag}",
-            patch_size=config["preprocess"]["patch_size"],
-            min_tissue=config["preprocess"]["min_tissue"],
-            tolerance=config["preprocess"]["mpp_tolerance"],
-            allow_upsample=config["preprocess"]["allow_upsample"],
-            jpeg_quality=config["preprocess"]["jpeg_quality"],
-            threads=lambda w, threads: threads,  # windows decoded in parallel
-        log:
-            "results/logs/patch/{mag}x/{slide}.log",
-        benchmark:
-            "results/benchmarks/patch/{mag}x/{slide}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        threads: SLIDE_THREADS
-        resources:
-            mem_mb=per_attempt(4000),
-            runtime=MINUTES_PER_SLIDE["patch"],
-        script:
-            "../scripts/step.py"
+rule patch:
+    input:
+        qc=layout.QC_RECORD,
+        mask=layout.TISSUE_MASK,
+        geojson=layout.TISSUE_CONTOURS,
+    output:
+        lmdb_out=layout.PATCH_STORE,
+        row_out=layout.PATCH_ROW,
+    params:
+        step="patch",
+        magnification="{mag}",
+        patch_size=config["preprocess"]["patch_size"],
+        min_tissue=config["preprocess"]["min_tissue"],
+        tolerance=config["preprocess"]["mpp_tolerance"],
+        allow_upsample=config["preprocess"]["allow_upsample"],
+        jpeg_quality=config["preprocess"]["jpeg_quality"],
+        threads=lambda w, threads: threads,  # windows decoded in parallel
+    log:
+        "results/logs/patch/{mag}x/{slide}.log",
+    benchmark:
+        "results/benchmarks/patch/{mag}x/{slide}.tsv"
+    conda:
+        "../../envs/preprocess.yaml"
+    threads: SLIDE_THREADS
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=MINUTES_PER_SLIDE["patch"],
+    script:
+        "../scripts/step.py"
 
 
-else:
+if SHARDS:
 
     rule slide_qc_shard:
         input:

@@ -4,38 +4,38 @@
 TS = config["twostage"]
 
 
-if not SHARDS:
+# Per-slide jobs: the training cohort's without preprocess.shards, and always an external cohort's
+# (`use rule ... as cohort_*`, workflow/rules/external.smk).
+rule extract_features:
+    input:
+        rows=lambda w: expand(layout.PATCH_ROW, mag=fallback_mags(w), slide=w.slide),
+        pretrained=feature_pretrained,  # the encoder_weights record, or the weights file
+    output:
+        out=layout.FEATURES,
+    params:
+        step="extract_features",
+        encoder=feature_encoder_json,  # the preset as JSON (changes rerun only its features)
+        magnification="{mag}",
+        weights=feature_weights,  # imagenet, hf:..., a file, or "None" (random init): e2epath.models.build_encoder
+        batch_size=TS["batch_size"],
+        seed=config["seed"],
+        workers=lambda w, threads: threads,  # JPEG decoding overlaps the encoder
+    log:
+        "results/logs/extract_features/{encoder}/{mag}x/{slide}.log",
+    benchmark:
+        "results/benchmarks/extract_features/{encoder}/{mag}x/{slide}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    threads: SLIDE_THREADS
+    resources:
+        mem_mb=feature_memory,
+        runtime=MINUTES_PER_SLIDE["extract_features"],
+        gpu=GPU,
+    script:
+        "../scripts/step.py"
 
-    rule extract_features:
-        input:
-            rows=lambda w: expand(layout.PATCH_ROW, mag=fallback_mags(w), slide=w.slide),
-            pretrained=feature_pretrained,  # the encoder_weights record, or the weights file
-        output:
-            out=layout.FEATURES,
-        params:
-            step="extract_features",
-            encoder=feature_encoder_json,  # the preset as JSON (changes rerun only its features)
-            magnification="{mag}",
-            weights=feature_weights,  # imagenet, hf:..., a file, or "None" (random init): e2epath.models.build_encoder
-            batch_size=TS["batch_size"],
-            seed=config["seed"],
-            workers=lambda w, threads: threads,  # JPEG decoding overlaps the encoder
-        log:
-            "results/logs/extract_features/{encoder}/{mag}x/{slide}.log",
-        benchmark:
-            "results/benchmarks/extract_features/{encoder}/{mag}x/{slide}.tsv"
-        conda:
-            "../../envs/train.yaml"
-        threads: SLIDE_THREADS
-        resources:
-            mem_mb=feature_memory,
-            runtime=MINUTES_PER_SLIDE["extract_features"],
-            gpu=GPU,
-        script:
-            "../scripts/step.py"
 
-
-else:
+if SHARDS:
 
     rule extract_features_shard:
         input:

@@ -5,9 +5,16 @@ A task whose bags are slides (`tasks.<task>.bag: slide`) is scored per slide —
 models predict — and, additionally, per case: the mean of a case's slide probabilities (or
 risks). Each row of the tables says its `unit`.
 
+External cohorts (config `cohorts:`) with labels for the task add rows of their own `cohort`
+(the training cohort's rows say `internal`): the fold models' ensemble (`fold` = `ensemble`), each
+fold model (`fold` = its number) and the fold models' mean ± sd (`fold` = `folds`: `point` and
+`mean` the mean of the fold models' point estimates, `sd` their standard deviation), with bootstrap
+intervals as for internal results; paired comparisons per cohort on the ensembles.
+
 `python -m e2epath evaluate --task T --task-type TYPE --n-boot 1000 --seed 0 --out
-results/metrics/T.tsv --paired-out results/metrics/T_paired.tsv [--reference METHOD] --runs RUN...`
-with RUN = a training run's `run.json` (e2epath.layout): the run says its family, method and fold.
+results/metrics/T.tsv --paired-out results/metrics/T_paired.tsv [--reference METHOD] --runs RUN...
+[--cohorts RECORD...]` with RUN = a training run's `run.json` (e2epath.layout): the run says its
+family, method and fold; RECORD = an external cohort's `prediction.json` (`predict_cohort`).
 """
 from __future__ import annotations
 
@@ -18,17 +25,39 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path
-from ..layout import Run, load_tables, read_runs
+from ..io import atomic_path, read_json
+from ..layout import Run, load_tables, read_runs, read_table
 from ..metrics import case_level, main_metric, prepare, unit_of
-from ..vocabulary import TASK_TYPES
+from ..vocabulary import INTERNAL, TASK_TYPES
 from .bootstrap import bootstrap, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["method", "family", "unit", "fold", "metric", "point", "mean", "ci_low", "ci_high", "n"]
-PAIRED_COLUMNS = ["method", "reference", "unit", "fold", "metric", "diff_point", "diff_mean", "ci_low",
+COLUMNS = ["cohort", "method", "family", "unit", "fold", "metric", "point", "mean", "ci_low", "ci_high", "sd", "n"]
+PAIRED_COLUMNS = ["cohort", "method", "reference", "unit", "fold", "metric", "diff_point", "diff_mean", "ci_low",
                   "ci_high", "p_value", "n"]
+# The row that stands for a method in a cohort: the pooled test folds (internal), the ensemble (external).
+HEADLINE = {INTERNAL: "pooled"}
+ENSEMBLE = "ensemble"
+FOLDS = "folds"  # external: the fold models' mean ± sd
+
+
+def headline_fold(cohort: str) -> str:
+    return HEADLINE.get(cohort, ENSEMBLE)
+
+
+def headline(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each method's headline rows per cohort (pooled test folds; external: the ensemble) in the
+    models' unit — what tables and forest plots show."""
+    metrics = metrics[metrics["unit"] == primary_unit(metrics)]
+    want = metrics["cohort"].map(headline_fold)
+    return metrics[metrics["fold"].astype(str) == want]
+
+
+def cohort_order(metrics: pd.DataFrame) -> list[str]:
+    """The cohorts of a metrics table: internal first, then the external ones as they come."""
+    seen = list(dict.fromkeys(metrics["cohort"]))
+    return sorted(seen, key=lambda c: c != INTERNAL)
 
 
 def primary_unit(metrics: pd.DataFrame) -> str:
@@ -72,10 +101,87 @@ def _choose_reference(families: dict[str, str], pooled_main: dict[str, float], r
     return next(iter(families))
 
 
+def load_cohort(path: Path) -> tuple[dict, dict[int, pd.DataFrame], pd.DataFrame]:
+    """An external cohort's predictions by one method: (record, fold → the fold model's
+    predictions, the ensemble), rows without a label left out (predicted, not scored)."""
+    rec = read_json(path)
+    folder = Path(path).parent
+
+    def labelled(df: pd.DataFrame) -> pd.DataFrame:
+        cols = ["time", "event"] if rec["task_type"] == "survival" else ["label"]
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: the predictions lack {missing}; cohort {rec['cohort']} has no labels for "
+                             f"task {rec['task']}")
+        return df.dropna(subset=cols).reset_index(drop=True)
+
+    folds = {int(k): labelled(read_table(folder / name)) for k, name in zip(rec["folds"], rec["predictions"])}
+    ensemble = labelled(read_table(folder / rec["ensemble"]))
+    n_all = len(read_table(folder / rec["ensemble"]))
+    if len(ensemble) < n_all:
+        logger.info("cohort %s, %s: %d of %d %ss have no label — predicted, not scored", rec["cohort"],
+                    rec["method"], n_all - len(ensemble), n_all, rec["bag"])
+    return rec, folds, ensemble
+
+
+def external(records: list[Path], task_type: str, n_boot: int, seed: int, alpha: float
+             ) -> tuple[list[list], dict[tuple[str, str, str], pd.DataFrame], dict[str, str]]:
+    """Metrics rows of the external cohorts; the ensembles per (cohort, method, unit) for paired
+    comparisons; the methods' families."""
+    rows, ensembles, families = [], {}, {}
+    for path in records:
+        rec, folds, ens = load_cohort(path)
+        cohort, name, family = rec["cohort"], rec["method"], rec["family"]
+        families[name] = family
+        if ens.empty:
+            logger.warning("cohort %s, %s: no labelled %s — no metrics", cohort, name, rec["bag"])
+            continue
+        parts = {ENSEMBLE: ens, **folds}
+        for unit, unit_parts in unit_tables(task_type, parts).items():
+            points: dict[str, list[float]] = {}
+            for fold, df in unit_parts.items():
+                cases = prepare(task_type, df)
+                intervals = bootstrap(cases, n_boot, seed, alpha, f"{cohort} {name} {unit}s {fold}")
+                for metric, iv in intervals.items():
+                    rows.append([cohort, name, family, unit, fold, metric, iv.point, iv.mean, iv.ci_low, iv.ci_high,
+                                 np.nan, cases.n])
+                    if fold != ENSEMBLE:
+                        points.setdefault(metric, []).append(iv.point)
+            for metric, values in points.items():
+                v = np.asarray(values, float)
+                mean = float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+                sd = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else np.nan
+                rows.append([cohort, name, family, unit, FOLDS, metric, mean, mean, np.nan, np.nan, sd,
+                             len(unit_parts[ENSEMBLE])])
+            ensembles[cohort, name, unit] = unit_parts[ENSEMBLE]
+    return rows, ensembles, families
+
+
+def _paired_rows(cohort: str, fold: str, tables: dict[tuple[str, str], pd.DataFrame], ref: str, task_type: str,
+                 n_boot: int, seed: int, alpha: float, strata: str | None) -> list[list]:
+    """Paired differences of every method against ``ref`` on the units both predicted."""
+    out = []
+    for (name, unit), table in tables.items():
+        if name == ref or (ref, unit) not in tables:
+            continue
+        key, other = f"{unit}_id", tables[ref, unit]
+        common = np.intersect1d(table[key].astype(str), other[key].astype(str))
+        if len(common) < max(len(table), len(other)):
+            logger.warning("%s vs %s (%s): compared on the %d %ss both have predictions for", name, ref, cohort,
+                           len(common), unit)
+        a, b = (prepare(task_type, t[t[key].astype(str).isin(common)], strata) for t in (table, other))
+        what = f"{cohort}: {name} − {ref} {fold} {unit}s"
+        for metric, pv in paired_bootstrap(a, b, n_boot, seed, alpha, what).items():
+            out.append([cohort, name, ref, unit, fold, metric, pv.diff_point, pv.diff_mean,
+                        pv.ci_low, pv.ci_high, pv.p_value, a.n])
+    return out
+
+
 def evaluate(runs: list[Run], task_type: str, n_boot: int, seed: int, reference: str | None = None,
-             alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metrics rows (per unit, per fold + pooled, every method) and paired rows (per unit, pooled,
-    vs the reference). The reference is chosen on the first unit (the bags the models predict)."""
+             alpha: float = 0.05, cohorts: list[Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics rows (per unit, per fold + pooled, every method; then each external cohort's) and
+    paired rows (per cohort and unit, vs the reference). The reference is chosen on the internal
+    pooled results of the first unit (the bags the models predict)."""
     methods = load_tables(runs, "predictions")
     if not methods:
         raise ValueError("every predictions file is empty; nothing to evaluate")
@@ -89,25 +195,23 @@ def evaluate(runs: list[Run], task_type: str, n_boot: int, seed: int, reference:
                 cases = prepare(task_type, df, strata="fold" if fold == "pooled" else None)
                 intervals = bootstrap(cases, n_boot, seed, alpha, f"{name} {unit}s fold {fold}")
                 for metric, iv in intervals.items():
-                    rows.append([name, family, unit, fold, metric, iv.point, iv.mean, iv.ci_low, iv.ci_high, cases.n])
+                    rows.append([INTERNAL, name, family, unit, fold, metric, iv.point, iv.mean, iv.ci_low,
+                                 iv.ci_high, np.nan, cases.n])
             pooled[name, unit] = parts[-1][1]
             pooled_main.setdefault(name, intervals[main].point)
-    metrics = pd.DataFrame(rows, columns=COLUMNS)
+    ext_rows, ensembles, ext_families = external(list(cohorts), task_type, n_boot, seed, alpha)
+    unknown = sorted(set(ext_families) - set(families))
+    if unknown:
+        raise ValueError(f"external predictions of {unknown}, a method without internal runs; give the runs of "
+                         "every method whose cohort predictions are given")
+    metrics = pd.DataFrame(rows + ext_rows, columns=COLUMNS)
 
     ref = _choose_reference(families, pooled_main, reference)
     logger.info("paired differences against reference %s", ref)
-    paired = []
-    for (name, unit), table in pooled.items():
-        if name == ref or (ref, unit) not in pooled:
-            continue
-        key, other = f"{unit}_id", pooled[ref, unit]
-        common = np.intersect1d(table[key].astype(str), other[key].astype(str))
-        if len(common) < max(len(table), len(other)):
-            logger.warning("%s vs %s: compared on the %d %ss both have predictions for", name, ref, len(common), unit)
-        a, b = (prepare(task_type, t[t[key].astype(str).isin(common)], "fold") for t in (table, other))
-        for metric, pv in paired_bootstrap(a, b, n_boot, seed, alpha, f"{name} − {ref} pooled {unit}s").items():
-            paired.append([name, ref, unit, "pooled", metric, pv.diff_point, pv.diff_mean,
-                           pv.ci_low, pv.ci_high, pv.p_value, a.n])
+    paired = _paired_rows(INTERNAL, "pooled", pooled, ref, task_type, n_boot, seed, alpha, "fold")
+    for cohort in dict.fromkeys(c for c, _, _ in ensembles):
+        tables = {(name, unit): t for (c, name, unit), t in ensembles.items() if c == cohort}
+        paired += _paired_rows(cohort, ENSEMBLE, tables, ref, task_type, n_boot, seed, alpha, None)
     return metrics, pd.DataFrame(paired, columns=PAIRED_COLUMNS)
 
 
@@ -124,12 +228,15 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--paired-out", type=Path, required=True)
     ap.add_argument("--runs", nargs="+", required=True, type=Path, help="the training runs' run.json files")
+    ap.add_argument("--cohorts", nargs="*", required=True, type=Path,
+                    help="external cohorts' prediction.json (predict_cohort) of cohorts labelled for the task")
     args = ap.parse_args(argv)
     if args.n_boot < 1 or not 0 < args.alpha < 1:
         ap.error("--n-boot must be ≥ 1 and --alpha in (0, 1)")
     try:
         runs = read_runs(args.runs, args.task)
-        metrics, paired = evaluate(runs, args.task_type, args.n_boot, args.seed, args.reference, args.alpha)
+        metrics, paired = evaluate(runs, args.task_type, args.n_boot, args.seed, args.reference, args.alpha,
+                                   args.cohorts)
     except (OSError, ValueError) as err:  # bad runs, predictions or arguments: say what to fix, no traceback
         logger.error("task %s: %s", args.task, err)
         return 2

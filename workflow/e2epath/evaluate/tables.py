@@ -2,7 +2,9 @@
 of the ABMILX paper (Tang et al., NeurIPS 2025, arXiv:2506.02408; docs/method.md): pooled results,
 one row per method grouped two-stage then end-to-end, one column per metric, cells
 ``mean [ci_low, ci_high]`` of the bootstrap, ×100 with one decimal (the paper reports ×100). The
-best mean of each column (at the shown precision) is bold; every metric is higher-is-better.
+best mean of each column (at the shown precision) is bold; every metric is higher-is-better. With
+labelled external cohorts, each cohort's metrics (the fold models' ensemble) follow the internal
+ones side by side, as in the paper's Table 3.
 
 `python -m e2epath tables --metrics results/metrics/T.tsv --md-out results/tables/T.md
 --tex-out results/tables/T.tex [--decimals 1] [--caption TEXT]`
@@ -18,8 +20,8 @@ import pandas as pd
 
 from ..io import write_bytes
 from ..layout import read_encoders
-from ..vocabulary import METRIC_LABELS
-from .evaluation import primary_unit
+from ..vocabulary import INTERNAL, METRIC_LABELS
+from .evaluation import cohort_order, headline, primary_unit
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +37,27 @@ def tex_escape(text: str) -> str:
 
 
 def pooled_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Pooled rows of the models' unit (slides or cases) → (family, method) × metric frame of
-    (mean, ci_low, ci_high) tuples."""
-    missing = {"method", "family", "unit", "fold", "metric", "mean", "ci_low", "ci_high"} - set(metrics.columns)
+    """Headline rows of the models' unit (slides or cases): internal pooled test folds, then each
+    external cohort's ensemble → (family, method) × (cohort, metric) frame of (mean, ci_low,
+    ci_high) tuples."""
+    missing = ({"cohort", "method", "family", "unit", "fold", "metric", "mean", "ci_low", "ci_high"}
+               - set(metrics.columns))
     if missing:
         raise ValueError(f"metrics table lacks column(s) {sorted(missing)}; produce it with `e2epath evaluate`")
-    pooled = metrics[(metrics["fold"].astype(str) == "pooled") & (metrics["unit"] == primary_unit(metrics))]
-    if pooled.empty:
+    rows = headline(metrics)
+    if rows[rows["cohort"] == INTERNAL].empty:
         raise ValueError("metrics table has no pooled rows; produce it with `e2epath evaluate`")
-    order = [m for m in METRIC_LABELS if m in set(pooled["metric"])]
-    order += sorted(set(pooled["metric"]) - set(order))
-    cells = pooled.assign(cell=list(zip(pooled["mean"], pooled["ci_low"], pooled["ci_high"])))
-    table = cells.pivot(index=["family", "method"], columns="metric", values="cell")
-    return table[order]
+    order = [m for m in METRIC_LABELS if m in set(rows["metric"])]
+    order += sorted(set(rows["metric"]) - set(order))
+    cells = rows.assign(cell=list(zip(rows["mean"], rows["ci_low"], rows["ci_high"])))
+    table = cells.pivot(index=["family", "method"], columns=["cohort", "metric"], values="cell")
+    return table[[(c, m) for c in cohort_order(rows) for m in order if (c, m) in table.columns]]
+
+
+def _heads(table: pd.DataFrame) -> list[str]:
+    """Column heads: the metric, and its cohort when there are several."""
+    several = len({c for c, _ in table.columns}) > 1
+    return [f"{METRIC_LABELS.get(m, m)} ({c})" if several else METRIC_LABELS.get(m, m) for c, m in table.columns]
 
 
 def _fmt(value: float, decimals: int) -> str:
@@ -82,7 +92,7 @@ def _groups(table: pd.DataFrame):
 
 def to_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
     text, best = _cells(table, decimals)
-    heads = [METRIC_LABELS.get(m, m) for m in table.columns]
+    heads = _heads(table)
     lines = ["| Method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
     for title, rows in _groups(table):
         lines.append(f"| *{title}* |" + " |" * len(heads))
@@ -90,21 +100,34 @@ def to_markdown(table: pd.DataFrame, decimals: int = 1) -> str:
             cells = [f"**{text[idx, m]}**" if best[idx, m] else text[idx, m] for m in table.columns]
             lines.append(f"| {idx[1]} | " + " | ".join(cells) + " |")
     note = f"Pooled over folds; bootstrap mean [95% CI] ×{SCALE:g}; best mean per column in bold."
+    if len({c for c, _ in table.columns}) > 1:
+        note = (f"{INTERNAL}: the pooled test folds; other cohorts: external, the fold models' ensemble. "
+                f"Bootstrap mean [95% CI] ×{SCALE:g}; best mean per column in bold.")
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def to_latex(table: pd.DataFrame, decimals: int = 1, caption: str = "", label: str = "") -> str:
     """A booktabs table; ``caption`` is plain text (escaped here)."""
     text, best = _cells(table, decimals)
-    heads = [tex_escape(METRIC_LABELS.get(m, m)) for m in table.columns]
+    cohorts = list(dict.fromkeys(c for c, _ in table.columns))
+    heads = [tex_escape(METRIC_LABELS.get(m, m)) for _, m in table.columns]
     ncol = len(heads) + 1
     lines = [r"\begin{table}[t]", r"\centering"]
     if caption:
         lines.append(rf"\caption{{{tex_escape(caption)}}}")
     if label:
         lines.append(rf"\label{{{label}}}")
-    lines += [r"\begin{tabular}{l" + "c" * len(heads) + "}", r"\toprule",
-              "Method & " + " & ".join(heads) + r" \\"]
+    lines += [r"\begin{tabular}{l" + "c" * len(heads) + "}", r"\toprule"]
+    if len(cohorts) > 1:  # a header row of cohorts over their metrics (the paper's Table 3)
+        spans = [sum(1 for c, _ in table.columns if c == cohort) for cohort in cohorts]
+        lines.append(" & " + " & ".join(rf"\multicolumn{{{n}}}{{c}}{{{tex_escape(c)}}}"
+                                        for c, n in zip(cohorts, spans)) + r" \\")
+        start, rules = 2, []
+        for n in spans:
+            rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+            start += n
+        lines.append(" ".join(rules))
+    lines.append("Method & " + " & ".join(heads) + r" \\")
     for title, rows in _groups(table):
         lines += [r"\midrule", rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{title}}}}} \\"]
         for idx in rows:
@@ -149,6 +172,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     unit = primary_unit(pd.read_csv(args.metrics, sep="\t", usecols=["unit"]))
     caption = args.caption or f"{task}: pooled test results per {unit}, bootstrap mean [95% CI] ×100; best in bold."
+    if len({c for c, _ in table.columns}) > 1 and not args.caption:
+        caption = (f"{task}: results per {unit}, internal (pooled test folds) and external cohorts (ensemble of "
+                   "the fold models), bootstrap mean [95% CI] ×100; best in bold.")
     try:
         encoders = read_encoders(args.runs)
     except (OSError, ValueError) as err:
@@ -156,6 +182,6 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     _write_text(to_markdown(table, args.decimals) + weights_markdown(encoders), args.md_out)
     _write_text(to_latex(table, args.decimals, caption, f"tab:{task}"), args.tex_out)
-    logger.info("task %s: table of %d methods × %d metrics → %s, %s", task, len(table),
+    logger.info("task %s: table of %d methods × %d cohort metrics → %s, %s", task, len(table),
                 table.shape[1], args.md_out, args.tex_out)
     return 0

@@ -28,7 +28,7 @@ from e2epath.evaluate.evaluation import primary_unit
 from e2epath.figures.common import FigureSkipped, save_figure
 from e2epath.io import atomic_path, read_records
 from e2epath.layout import load_tables, read_runs
-from e2epath.vocabulary import MAIN_METRIC, TASK_TYPES
+from e2epath.vocabulary import INTERNAL, MAIN_METRIC, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def _task_figures(args: argparse.Namespace, out: Path) -> None:
         auc_ci = {}
         if metrics is not None:
             rows = metrics[(metrics["metric"] == "auc") & (metrics["fold"].astype(str) == "pooled")
+                           & (metrics["cohort"] == INTERNAL)  # the internal test folds' predictions
                            & (metrics["unit"] == primary_unit(metrics))]  # the unit the predictions are in
             auc_ci = {r.method: (r.ci_low, r.ci_high) for r in rows.itertuples()}
         w.figure("roc", lambda: roc.plot_roc(need_methods(), args.task_type, args.n_boot, args.seed, auc_ci,

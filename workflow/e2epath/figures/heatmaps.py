@@ -1,7 +1,8 @@
 """Attention maps: one renderer for the task figure's panel (rows are test slides, columns are E2E
-ABMILX, E2E ABMIL and two-stage ABMIL, whichever were trained) and for slide-level maps of
-`python -m e2epath predict` (a PNG at a chosen µm per pixel, a montage of the most and least
-attended patches, and a GeoJSON of the patches that QuPath imports as detections).
+ABMILX, E2E ABMIL and two-stage ABMIL, whichever were trained) and for slide-level maps (a PNG at a
+chosen µm per pixel, a montage of the most and least attended patches, and a GeoJSON of the
+patches that QuPath imports as detections), which `e2epath.figures.maps` writes for
+`python -m e2epath predict` and for the workflow's `slide_maps` step.
 
 Each patch is a square at its level-0 coords, of side the patch size in level-0 px, coloured by
 its attention averaged over heads, as a percentile within the slide (so a few extreme patches do
@@ -62,15 +63,24 @@ def slide_ids(npz) -> list[str]:
     return sorted(k for k in npz.files if not k.startswith("__") and not k.endswith("__coords"))
 
 
-def read_slide(npz, slide: str, source: str) -> SlideAttention:
-    """Attention and coords of one slide from an open attention.npz; errors name file and key."""
+def read_heads(npz, slide: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Attention [heads, N] (float64) and coords [N, 2] (int64 level-0 x, y) of one slide from an
+    open attention.npz; errors name file and key."""
+    if slide not in npz.files:
+        raise ValueError(f"{source}: no attention of slide {slide}")
     if f"{slide}__coords" not in npz.files:
         raise ValueError(f"{source}: key {slide}__coords missing (see docs/contracts.md attention.npz)")
     att = np.asarray(npz[slide], dtype=np.float64)
     coords = np.asarray(npz[f"{slide}__coords"]).astype(np.int64).reshape(-1, 2)
     att = att.reshape(1, -1) if att.ndim == 1 else att
-    if att.shape[1] != len(coords):
-        raise ValueError(f"{source}: {slide} has {att.shape[1]} attention values but {len(coords)} coords")
+    if att.ndim != 2 or att.shape[1] != len(coords):
+        raise ValueError(f"{source}: {slide} has attention of shape {list(att.shape)} but {len(coords)} coords")
+    return att, coords
+
+
+def read_slide(npz, slide: str, source: str) -> SlideAttention:
+    """Attention (mean over heads) and coords of one slide from an open attention.npz."""
+    att, coords = read_heads(npz, slide, source)
     return SlideAttention(att.mean(axis=0), coords, infer_patch_size(coords) or 0)
 
 

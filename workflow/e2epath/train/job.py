@@ -190,13 +190,30 @@ def bag_outputs(task: Task, unit_ids: list[str], units: dict[str, str], unit: st
     logits = torch.cat(logits)
     targets = torch.stack([task.target(c) for c in case_ids]).to(logits.device)
     preds.attrs["loss"] = float(task.loss(logits, targets))  # breaks ties of the selection metric
+    return preds, split_attention(attention)
+
+
+def split_attention(attention: list[tuple[torch.Tensor, list[tuple[str, np.ndarray]]]]
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-bag attention [heads, N] with the bag's (slide, coords) parts → slide → (attention, coords)."""
     maps = {}
     for attn, parts in attention:
         start = 0
         for slide, coords in parts:
             maps[slide] = (attn[:, start:start + len(coords)].float().cpu().numpy(), coords)
             start += len(coords)
-    return preds, maps
+    return maps
+
+
+def write_attention(path: Path, magnification: int, attention: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """``attention.npz`` (docs/contracts.md): ``__magnification__``, and per slide its attention
+    [heads, N] float32 and ``{slide}__coords`` [N, 2] int32 level-0 x, y."""
+    arrays = {"__magnification__": np.array(magnification)}
+    for slide, (attn, coords) in attention.items():
+        arrays[slide] = attn.astype(np.float32)
+        arrays[f"{slide}__coords"] = coords.astype(np.int32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 class Family(ABC):
@@ -274,12 +291,7 @@ def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, p
         preds.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out["history"]) as tmp:
         result.history.to_csv(tmp, sep="\t", index=False)
-    arrays = {"__magnification__": np.array(job.spec["eval_magnification"])}
-    for slide, (attn, coords) in attention.items():
-        arrays[slide] = attn.astype(np.float32)
-        arrays[f"{slide}__coords"] = coords.astype(np.int32)
-    with atomic_path(out["attention"]) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    write_attention(out["attention"], job.spec["eval_magnification"], attention)
     with atomic_path(out["model"]) as tmp:
         torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch,
                     "weights": result.best_weights, "task": job.task, "fold": job.fold, "seed": job.seed,

@@ -1,0 +1,225 @@
+"""External cohorts: trained models rebuilt from their model files, and the `predict_cohort` step.
+
+`python -m e2epath predict_cohort --task T --cohort C --models M0 M1 ... --slides QC_TABLE
+--inputs ROWS_OR_FEATURES... [--labels TABLE] --predictions P0 P1 ... --attention A0 A1 ...
+--ensemble E --record R` — every fold model of a method (M0, M1, ... in fold order) predicts every
+bag of an external cohort (one per slide or per case: the task's `bag` unit, recorded in the model
+file) from the cohort's patch stores (E2E: every patch at the evaluation magnification, exactly as
+the test folds were predicted) or its features (two-stage). Per fold model: ``Pk`` with the test
+predictions' columns (label columns where the cohort has a label table for the task: empty for the
+cases it leaves out) and ``Ak`` in the attention.npz format; ``E``: their ensemble, the mean
+probability or risk over the fold models; ``R``: what predicted what (docs/contracts.md "External
+cohorts"). A bag without usable patches is left out and named in the log and the record; a label
+the models do not know (a class they were not trained on) is an error naming the file and row.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .data import load_bags
+from .devices import torch_device
+from .io import atomic_path, write_json
+from .models import build_aggregator
+from .models.encoders import file_sha256, make_encoder
+from .sheets import load_labels
+from .train.e2e import E2EModel, predict_bag
+from .train.job import MODEL_FORMAT, split_attention, write_attention
+from .train.tasks import scores
+from .train.twostage import load_feature_bags
+
+logger = logging.getLogger(__name__)
+
+# What the fold models of one method must share to predict one cohort as an ensemble.
+SHARED = ("task", "family", "task_type", "bag", "classes", "eval_magnification", "encoder")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be applied to new slides; the message names it and what to do."""
+
+
+def read_model(path: Path) -> dict[str, Any]:
+    """A model file's record (weights, spec, task, preprocessing); ModelFileError when it cannot be
+    deployed (missing, not a model file, written before format 2)."""
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - name the file, whatever torch says
+        raise ModelFileError(f"{path}: not a readable e2epath model file ({type(err).__name__}: {err})") from err
+    if not isinstance(rec, dict) or "spec" not in rec or "model" not in rec:
+        raise ModelFileError(f"{path}: not an e2epath model file (results/{{e2e,twostage}}/TASK/METHOD/foldK/model.pt)")
+    if rec.get("format_version", 1) < MODEL_FORMAT or not rec.get("preprocess"):
+        raise ModelFileError(f"{path}: written before e2epath recorded the preprocessing settings in model files "
+                             f"(format {rec.get('format_version', 1)}, need {MODEL_FORMAT}); it cannot prepare new "
+                             "slides as its training slides were. Retrain it with this version: snakemake reruns "
+                             "its training job (the job's parameters changed)")
+    if "encoder_spec" not in rec["spec"]:
+        raise ModelFileError(f"{path}: its spec has no encoder_spec; retrain it with this version")
+    return rec
+
+
+def rebuild(rec: dict[str, Any], path: Path) -> nn.Module:
+    """The trained network of a model file's record: E2E encoder + aggregator, or the two-stage
+    aggregator (its features' encoder is built by whoever extracts the features)."""
+    spec = rec["spec"]
+    kw = spec.get("aggregator_kw", {})
+    if spec["family"] == "e2e":
+        encoder = make_encoder(spec["encoder_spec"])
+        net: nn.Module = E2EModel(encoder, build_aggregator(spec["aggregator"], encoder.out_dim, rec["n_outputs"],
+                                                            **kw))
+    else:
+        net = build_aggregator(spec["aggregator"], rec["in_dim"], rec["n_outputs"], **kw)
+    try:
+        net.load_state_dict(rec["model"], strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"{path}: its weights do not fit its own spec ({err}); the file is damaged") from err
+    return net.eval()
+
+
+def shared(rec: dict[str, Any]) -> dict[str, Any]:
+    spec = rec["spec"]
+    return {"task": rec.get("task"), "family": spec["family"], "task_type": spec["task_type"], "bag": spec["bag"],
+            "classes": rec.get("classes"), "eval_magnification": spec["eval_magnification"],
+            "encoder": spec["encoder"]}
+
+
+def check_models(records: list[dict[str, Any]], paths: list[Path], task: str) -> None:
+    """The fold models of one method: one task, one way of predicting, one set of outputs."""
+    first = shared(records[0])
+    if first["task"] != task:
+        raise ModelFileError(f"{paths[0]}: a model of task {first['task']!r}, not {task!r}")
+    for rec, path in zip(records[1:], paths[1:]):
+        differ = [k for k in SHARED if shared(rec)[k] != first[k]]
+        if differ:
+            raise ModelFileError(f"{path} and {paths[0]} differ in {', '.join(differ)}: they are not the fold "
+                                 "models of one method")
+
+
+def label_columns(labels: pd.DataFrame | None, task_type: str, classes: list[str] | None, where: str,
+                  case_ids: list[str]) -> pd.DataFrame:
+    """The label columns of the predictions (``label``, or ``time`` and ``event``) for ``case_ids``;
+    none without a label table, empty cells for cases it leaves out."""
+    if labels is None:
+        return pd.DataFrame(index=range(len(case_ids)))
+    table = labels.set_index("case_id")
+    if task_type != "survival":
+        unknown = table[~table["label"].astype(str).isin(classes or [])]
+        if len(unknown):
+            row = labels.index[labels["case_id"] == unknown.index[0]][0] + 2
+            raise ValueError(f"{where} row {row}: label {unknown['label'].iloc[0]!r} of case {unknown.index[0]!r} "
+                             f"is not a class the models were trained on ({', '.join(classes or [])}); map it to "
+                             "one of them or drop the row")
+        return pd.DataFrame({"label": [table["label"].get(c) for c in case_ids]}, dtype=object)
+    return pd.DataFrame({"time": [table["time"].get(c) for c in case_ids],
+                         "event": pd.array([table["event"].get(c) for c in case_ids], dtype="Int64")})
+
+
+def predict_cohort(task: str, cohort: str, models: list[Path], slides: Path, inputs: list[Path],
+                   labels: Path | None, predictions: list[Path], attention: list[Path], ensemble: Path,
+                   record: Path, dev: torch.device | None = None) -> pd.DataFrame:
+    """Every fold model predicts every bag of the cohort; writes every output; returns the ensemble."""
+    if not len(models) == len(predictions) == len(attention):
+        raise ValueError(f"{len(models)} models, {len(predictions)} predictions and {len(attention)} attention "
+                         "files: give one of each per fold model")
+    dev = dev or torch_device()
+    records = [read_model(p) for p in models]
+    check_models(records, models, task)
+    spec, first = records[0]["spec"], records[0]
+    task_type, unit, classes = spec["task_type"], spec["bag"], first.get("classes")
+    label_table = load_labels(labels, task, task_type) if labels else None
+    cases = sorted(pd.read_csv(slides, sep="\t", dtype={"slide_id": str, "case_id": str})["case_id"].unique())
+    if spec["family"] == "e2e":
+        bags = load_bags(slides, inputs, cases, unit)
+        mag = spec["eval_magnification"]
+        for u in [u for u, b in bags.items() if b.n_patches(mag) == 0]:
+            logger.warning("%s %s: no patches at %dx — not predicted", unit, u, mag)
+            del bags[u]
+        units = {u: b.case_id for u, b in bags.items()}
+    else:
+        feats, units = load_feature_bags(slides, inputs, set(cases), unit)
+    unit_ids = sorted(units, key=lambda u: (units[u], u))
+    skipped = sorted(set(cases) - set(units.values()))
+    logger.info("cohort %s, task %s, %s/%s: %d %s bags of %d cases (%d cases without usable patches%s), %d fold "
+                "models", cohort, task, spec["family"], spec["name"], len(unit_ids), unit, len(cases), len(skipped),
+                f": {', '.join(skipped)}" if skipped else "", len(models))
+    if not unit_ids:
+        raise ValueError(f"cohort {cohort}: no {unit} has usable patches for {spec['name']}; check "
+                         f"results/cohorts/{cohort}/slides.tsv and its manifest")
+    case_ids = [units[u] for u in unit_ids]
+    label_cols = label_columns(label_table, task_type, classes, str(labels), case_ids)
+    ids = pd.DataFrame({"case_id": case_ids})
+    if unit == "slide":
+        ids.insert(0, "slide_id", unit_ids)
+    tables = []
+    for rec, path, pred_out, attn_out in zip(records, models, predictions, attention):
+        net = rebuild(rec, path).to(dev)
+        logits, parts = [], []
+        for u in unit_ids:
+            with torch.no_grad():
+                if spec["family"] == "e2e":
+                    out, attn, where = predict_bag(net, bags[u], rec["spec"], dev)
+                else:
+                    out, attn = net(feats[u][0][None].to(dev), return_attention=True)
+                    attn, where = attn[0], feats[u][1]
+            logits.append(out.float().cpu())
+            parts.append((attn, where))
+        table = pd.concat([ids, label_cols, scores(task_type, torch.cat(logits), classes)], axis=1)
+        with atomic_path(pred_out) as tmp:
+            table.to_csv(tmp, sep="\t", index=False)
+        write_attention(attn_out, spec["eval_magnification"], split_attention(parts))
+        tables.append(table)
+        logger.info("fold %s model %s: %d %ss predicted", rec.get("fold"), path, len(table), unit)
+    score_cols = [c for c in tables[0].columns if c == "risk" or c.startswith("prob_")]
+    mean = sum(t[score_cols].to_numpy(float) for t in tables) / len(tables)
+    ens = pd.concat([ids, label_cols, pd.DataFrame(mean, columns=score_cols)], axis=1)
+    with atomic_path(ensemble) as tmp:
+        ens.to_csv(tmp, sep="\t", index=False)
+    write_json(record, {
+        "cohort": cohort, "task": task, "task_type": task_type, "method": spec["name"], "family": spec["family"],
+        "bag": unit, "classes": classes, "labelled": label_table is not None,
+        "labels": str(labels) if labels else None, "n_bags": len(unit_ids), "cases_without_patches": skipped,
+        "folds": [r.get("fold") for r in records],
+        "models": [{"path": str(p), "sha256": file_sha256(p), "fold": r.get("fold")} for p, r in zip(models, records)],
+        "predictions": [p.name for p in predictions], "attention": [p.name for p in attention],
+        "ensemble": ensemble.name,
+    })
+    return ens
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="e2epath predict_cohort", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--cohort", required=True)
+    ap.add_argument("--models", nargs="+", required=True, type=Path, help="the method's fold models, in fold order")
+    ap.add_argument("--slides", required=True, type=Path, help="the cohort's QC table (slide → case)")
+    ap.add_argument("--inputs", nargs="+", required=True, type=Path,
+                    help="the cohort's patch rows (E2E) or feature files (two-stage), per slide or per shard")
+    ap.add_argument("--labels", nargs="*", required=True, type=Path,
+                    help="the cohort's label table of the task; none (a bare --labels): predicted, not scored")
+    ap.add_argument("--predictions", nargs="+", required=True, type=Path)
+    ap.add_argument("--attention", nargs="+", required=True, type=Path)
+    ap.add_argument("--ensemble", required=True, type=Path)
+    ap.add_argument("--record", required=True, type=Path)
+    args = ap.parse_args(argv)
+    if len(args.labels) > 1:
+        ap.error("--labels: at most one label table")
+    try:
+        predict_cohort(args.task, args.cohort, args.models, args.slides, args.inputs,
+                       args.labels[0] if args.labels else None, args.predictions, args.attention, args.ensemble,
+                       args.record)
+    except (ModelFileError, ValueError, OSError) as err:
+        logger.error("cohort %s, task %s: %s", args.cohort, args.task, err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(cli())
