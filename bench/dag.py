@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from e2epath import demo
+from e2epath.sources import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["--scheduler", "greedy"]

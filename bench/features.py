@@ -37,11 +37,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from e2epath import features  # noqa: E402
-from e2epath.presets import encoder_spec  # noqa: E402
-from e2epath.store import LmdbReader, LmdbWriter, encode_jpeg  # noqa: E402
-from e2epath.transforms import model_inputs  # noqa: E402
+from e2epath.data.transforms import model_inputs  # noqa: E402
+from e2epath.features import extraction as features  # noqa: E402
+from e2epath.models.presets import encoder_spec  # noqa: E402
+from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg  # noqa: E402
 
 GOAL = {"resnet50": 0.15, "vit_small": 0.10}
 # Per row: stored patch px, encoder input px, patches, batch size.

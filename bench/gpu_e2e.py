@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from e2epath.transforms import resized_crops
+from e2epath.data.transforms import resized_crops
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.train.e2e import E2EModel
 from e2epath.train.loop import build_optimizer, train_epoch

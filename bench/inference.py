@@ -37,14 +37,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from e2epath.data import Bag  # noqa: E402
-from e2epath.devices import torch_device  # noqa: E402
+from e2epath.core.devices import torch_device  # noqa: E402
+from e2epath.data.bags import Bag  # noqa: E402
+from e2epath.data.transforms import model_inputs  # noqa: E402
 from e2epath.models import build_aggregator  # noqa: E402
 from e2epath.models.encoders import make_encoder  # noqa: E402
-from e2epath.presets import encoder_spec  # noqa: E402
+from e2epath.models.presets import encoder_spec  # noqa: E402
 from e2epath.train.e2e import E2EModel, decode_threads_for, predict_bag  # noqa: E402
-from e2epath.transforms import model_inputs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from features import print_ratios, write_store  # noqa: E402

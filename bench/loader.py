@@ -30,15 +30,15 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from e2epath.data import Bag, MultiScaleBagDataset, collate_bags
-from e2epath.methods import E2E_RECIPE, GENERIC
-from e2epath.store import (
+from e2epath.data.bags import Bag, MultiScaleBagDataset, collate_bags
+from e2epath.preprocess.store import (
     LmdbReader,
     LmdbWriter,
     close_all,
     encode_jpeg,
     patch_key,
 )
+from e2epath.train.recipe import E2E_RECIPE, GENERIC
 
 
 def synthetic_patch(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -24,11 +24,10 @@ from unittest import mock
 import cv2
 import lmdb
 import numpy as np
-
-from e2epath import slide as sl
-from e2epath import slidewriter as sw
 from e2epath.preprocess import patching, qc, tissue
-from e2epath.store import LmdbWriter, encode_jpeg
+from e2epath.preprocess.store import LmdbWriter, encode_jpeg
+from e2epath.slide import reader as sl
+from e2epath.sources import slidewriter as sw
 
 PATCH = 256
 MAGS = (40, 20, 10, 5)

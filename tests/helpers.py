@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 import tifffile
 import yaml
-
-from e2epath import slidewriter as sw
-from e2epath.io import write_json
-from e2epath.layout import RUN_DIR, Run
-from e2epath.store import LmdbWriter, encode_jpeg, write_empty_store
+from e2epath.core.io import write_json
+from e2epath.core.layout import RUN_DIR, Run
+from e2epath.preprocess.store import LmdbWriter, encode_jpeg, write_empty_store
+from e2epath.sources import slidewriter as sw
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "workflow" / "e2epath"

@@ -15,43 +15,34 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from e2epath import layout, metrics, models, presets, vocabulary
+from e2epath import models
 from e2epath.__main__ import STEPS
+from e2epath.core import layout, metrics, vocabulary
+from e2epath.data.splits import MODES
+from e2epath.models import presets
 from e2epath.models.encoders import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
-from e2epath.splits import MODES
 from e2epath.train.loop import OPTIMIZERS
 from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
-# The stages in the order data flows through them; a module may import its own stage and earlier
-# ones, never a later one. "base" holds what every stage may use (names, paths, files, stores).
-STAGES = ("base", "slide", "preprocess", "data", "train", "evaluate", "figures")
-STAGE_OF = {
-    "e2epath": "base", "e2epath.__main__": "base", "e2epath.vocabulary": "base", "e2epath.io": "base",
-    "e2epath.devices": "base", "e2epath.store": "base", "e2epath.shards": "base", "e2epath.sheets": "base",
-    "e2epath.layout": "base", "e2epath.cohorts": "base", "e2epath.presets": "base",
-    "e2epath.slide": "slide", "e2epath.tiles": "slide", "e2epath.slidewriter": "slide", "e2epath.demo": "slide",
-    "e2epath.preprocess": "preprocess",
-    "e2epath.transforms": "data", "e2epath.data": "data", "e2epath.features": "data", "e2epath.splits": "data",
-    "e2epath.models": "data", "e2epath.sampling": "data",
-    "e2epath.methods": "train", "e2epath.metrics": "train", "e2epath.train": "train",
-    "e2epath.external": "train",  # trained models rebuilt from their files, predicting external cohorts
-    "e2epath.evaluate": "evaluate",
-    "e2epath.figures": "figures",
-    "e2epath.predict": "figures",  # deployment: preprocessing, a trained model and the attention maps
-}
+# The stages, each a folder of the package, in the order data flows through them; a module may
+# import its own stage and earlier ones, never a later one. Every module's stage is its folder: the
+# package root holds only `__init__` and `__main__` (the command line, which names steps by string).
+STAGES = ("core", "sources", "slide", "preprocess", "data", "models", "features", "train", "evaluate", "figures",
+          "deploy", "config")
+ROOT_MODULES = {"e2epath", "e2epath.__main__"}
 
 
 def stage_of(module: str) -> str:
-    """The stage of a module: its own entry, else its package's."""
+    """The stage of a module: the folder it lives in (the root modules: the first stage)."""
+    if module in ROOT_MODULES:
+        return STAGES[0]
     parts = module.split(".")
-    for k in range(len(parts), 0, -1):
-        if ".".join(parts[:k]) in STAGE_OF:
-            return STAGE_OF[".".join(parts[:k])]
-    raise KeyError(f"module {module} has no stage in tests/test_architecture.py STAGE_OF; add it")
+    if len(parts) < 2 or parts[1] not in STAGES:
+        raise KeyError(f"module {module} is not in a stage folder ({', '.join(STAGES)}); move it into one")
+    return parts[1]
 
 
 def package_modules(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
@@ -85,17 +76,19 @@ def test_imports_follow_the_data():
 def test_every_module_has_a_stage():
     for module in package_modules():
         stage_of(module)
+    with pytest.raises(KeyError, match="not in a stage folder"):
+        stage_of("e2epath.helpers")  # a flat module at the package root
 
 
 def test_the_import_check_finds_a_backward_import(tmp_path):
     pkg = tmp_path / "e2epath"
-    for sub in ("preprocess", "train", "figures"):
+    for sub in ("core", "preprocess", "train", "figures"):
         (pkg / sub).mkdir(parents=True)
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "preprocess" / "patching.py").write_text("def f():\n    from ..train import loop\n")
-    (pkg / "train" / "loop.py").write_text("from .. import io\n")
-    (pkg / "io.py").write_text("")
+    (pkg / "train" / "loop.py").write_text("from ..core import io\n")
+    (pkg / "core" / "io.py").write_text("")
     (pkg / "figures" / "roc.py").write_text("from e2epath.train.loop import x\n")  # later imports earlier: fine
     assert backward_imports(pkg) == ["e2epath.preprocess.patching (preprocess) -> e2epath.train (train)",
                                      "e2epath.preprocess.patching (preprocess) -> e2epath.train.loop (train)"]
@@ -178,7 +171,7 @@ def test_only_the_layout_knows_where_results_go():
     assert not is_results_path("check results/splits (each case ...)")
     found = []
     for module, path in package_modules().items():
-        if module == "e2epath.layout":
+        if module == "e2epath.core.layout":
             continue
         found += [f"{path.name}:{line}: {text!r}" for line, text in _string_constants(path) if is_results_path(text)]
     assert found == []
@@ -193,7 +186,12 @@ def test_only_the_layout_knows_where_results_go():
 def load_workflow(stack: ExitStack, **config):
     """The workflow parsed in-process by Snakemake's API (the demo config, with ``config`` on top)."""
     from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+    )
 
     api = stack.enter_context(SnakemakeApi(OutputSettings(quiet=None)))
     wapi = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),

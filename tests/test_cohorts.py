@@ -8,9 +8,8 @@ import sys
 
 import pandas as pd
 import pytest
-
-from e2epath.cohorts import cli
-from e2epath.sheets import load_labels, load_samples
+from e2epath.sources.importers import cli
+from e2epath.sources.sheets import load_labels, load_samples
 from helpers import ROOT
 
 # name → (file id, case, clinical rows: (vital_status, days_to_death, days_to_last_follow_up, diagnosis))
@@ -60,7 +59,7 @@ def test_gdc_manifest_and_clinical_table_become_a_sheet_and_labels(tmp_path, cap
             "--survival", "survival"]
     assert cli(argv) == 2  # one slide is not downloaded: an error naming it, nothing written
     assert not (out / "slides.tsv").exists()
-    with caplog.at_level(logging.INFO, logger="e2epath.cohorts"):
+    with caplog.at_level(logging.INFO, logger="e2epath.sources.importers"):
         assert cli([*argv, "--skip-missing"]) == 0
     sheet = pd.read_csv(out / "slides.tsv", sep="\t")
     assert sheet.to_dict("records") == [

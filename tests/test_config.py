@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2epath.sources import sheets
+from helpers import ROOT, write_sheet_cohort
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-
-from e2epath import sheets
-from helpers import ROOT, write_sheet_cohort
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"

@@ -8,14 +8,27 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from e2epath.data import Bag, MultiScaleBagDataset, collate_bags, iter_full_bag, load_bags
-from e2epath.sampling import scale_counts
-from e2epath.store import LmdbReader, LmdbWriter
-from e2epath.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_boxes, eval_boxes, full_boxes, model_inputs,
-                                normalize, resized_crops)
+from e2epath.data.bags import (
+    Bag,
+    MultiScaleBagDataset,
+    collate_bags,
+    iter_full_bag,
+    load_bags,
+)
+from e2epath.data.sampling import scale_counts
+from e2epath.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    crop_boxes,
+    eval_boxes,
+    full_boxes,
+    model_inputs,
+    normalize,
+    resized_crops,
+)
+from e2epath.preprocess.store import LmdbReader, LmdbWriter
 from helpers import write_store, write_store_cohort
+from torch.utils.data import DataLoader
 
 PATCH = 32
 

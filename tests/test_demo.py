@@ -9,9 +9,8 @@ import numpy as np
 import openslide
 import pandas as pd
 import pytest
-
-from e2epath import demo, sheets
-from e2epath.vocabulary import ID_RE
+from e2epath.core.vocabulary import ID_RE
+from e2epath.sources import demo, sheets
 
 N, SCALE = 6, 0.25  # small slides: 6 slides cover every format; 40x ones are 2000 × 1500 px
 

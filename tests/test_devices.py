@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from e2epath.devices import candidate_devices, claim_gpu
+from e2epath.core.devices import candidate_devices, claim_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 # A GPU job: claim, report the device, hold it until told to finish.
 JOB = """
 import logging, os, sys, time
 from pathlib import Path
-from e2epath.devices import claim_gpu
+from e2epath.core.devices import claim_gpu
 logging.basicConfig(level=logging.INFO)
 n, status, release = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 with claim_gpu(n, poll_s=0.05) as got:

@@ -14,13 +14,19 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from e2epath import methods, presets
-from e2epath.models.encoders import (ResNetTrunk, TimmEncoder, build_encoder, hub_file, load_checkpoint,
-                                     weights_record)
-from e2epath.presets import EncoderError, encoder_spec, resolve_encoders
+from e2epath.models import presets
+from e2epath.models.encoders import (
+    ResNetTrunk,
+    TimmEncoder,
+    build_encoder,
+    hub_file,
+    load_checkpoint,
+    weights_record,
+)
+from e2epath.models.presets import EncoderError, encoder_spec, resolve_encoders
+from e2epath.train import recipe as methods
 from helpers import ROOT
+from safetensors.torch import save_file
 
 # Embedding widths as the model cards document them (not read from e2epath.presets).
 DOCUMENTED_DIM = {"resnet18": 256, "resnet50": 1024, "uni": 1024, "uni2": 1536, "virchow2": 2560,

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
 from e2epath.__main__ import STEPS
 from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
 
@@ -163,7 +162,7 @@ def test_each_env_lists_exactly_what_its_rules_import():
 def test_imports_are_followed_through_the_package():
     """Spot checks on the real package: a relative import chain, an import inside a function,
     and an ImportError-guarded optional import."""
-    features = third_party_imports([(module_path("e2epath.features"), "e2epath.features")])
+    features = third_party_imports([(module_path("e2epath.features.extraction"), "e2epath.features.extraction")])
     assert {"torch", "torchvision", "cv2", "lmdb", "numpy", "tqdm"} <= features  # torchvision via models
     devices = third_party_imports([(STEP_SCRIPT, None)])
     assert "torch" not in devices  # devices.torch_device imports torch only under `except ImportError`

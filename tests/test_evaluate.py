@@ -9,17 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from lifelines.utils import concordance_index
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
-                             roc_auc_score)
-
-from e2epath import layout
-from e2epath import metrics as m
+from e2epath.core import layout
+from e2epath.core import metrics as m
+from e2epath.core.layout import read_runs
 from e2epath.evaluate import bootstrap as bs
 from e2epath.evaluate import evaluation as ev
 from e2epath.evaluate import tables
-from e2epath.layout import read_runs
 from helpers import write_run
+from lifelines.utils import concordance_index
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    roc_auc_score,
+)
 
 TIGHT = dict(rtol=0, atol=1e-12)
 
@@ -203,7 +207,7 @@ def test_main_metric_and_bad_input():
 def test_undefined_metrics_are_nan_with_warning(caplog):
     df = _cls_df(np.random.default_rng(0), 12, ["a", "b"])
     df["label"] = "a"  # a fold with a single class
-    with caplog.at_level(logging.WARNING, logger="e2epath.evaluate.metrics"):
+    with caplog.at_level(logging.WARNING, logger="e2epath.core.metrics"):
         out = m.task_metrics("classification", df)
     assert np.isnan(out["auc"]) and not np.isnan(out["accuracy"])
     assert any("auc is undefined" in r.getMessage() for r in caplog.records)

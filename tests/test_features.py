@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import cv2
+import helpers
 import lmdb
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
-
-import helpers
-from e2epath import features
-from e2epath.store import LmdbReader, close_all
+from e2epath.features import extraction as features
+from e2epath.preprocess.store import LmdbReader, close_all
 from helpers import ROOT
 
 PATCH, INPUT = 48, 32  # stored patch px, encoder input px (so the resize is exercised)
@@ -143,7 +142,7 @@ def test_a_slide_that_failed_preprocessing_is_skipped_and_left_out_of_training(t
     assert "20x is failed (QC failed: not a slide)" in bad["message"] and "no magnification" in bad["message"]
     assert "bad" in caplog.text and "no magnification is usable" in caplog.text
 
-    from e2epath.train.twostage import load_feature_bags  # the consumer of these files
+    from e2epath.features.files import load_feature_bags  # the consumer of these files
 
     sheet = tmp_path / "slides.tsv"
     pd.DataFrame({"slide_id": ["good", "bad"], "case_id": ["c1", "c2"]}).to_csv(sheet, sep="\t", index=False)

@@ -6,7 +6,13 @@ import subprocess
 import sys
 import textwrap
 
-from e2epath.io import atomic_path, read_json, remove_stale_temporaries, tmp_name, write_json
+from e2epath.core.io import (
+    atomic_path,
+    read_json,
+    remove_stale_temporaries,
+    tmp_name,
+    write_json,
+)
 
 
 def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
@@ -14,7 +20,7 @@ def test_a_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path[:] = {sys.path!r}
-        from e2epath.io import atomic_path
+        from e2epath.core.io import atomic_path
         with atomic_path({str(out)!r}) as tmp:
             tmp.write_text("half a table")
             os.kill(os.getpid(), signal.SIGKILL)

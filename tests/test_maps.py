@@ -12,14 +12,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
+from e2epath.core.layout import MAPS_INDEX, PREDICT_FILES
 from e2epath.figures import maps
-from e2epath.layout import MAPS_INDEX, PREDICT_FILES
 from e2epath.preprocess import qc as qc_step
 from e2epath.preprocess import tissue
 from e2epath.preprocess.patching import PatchParams, patch_to_files
-from e2epath.slidewriter import write_generic_tiff
-from e2epath.store import LmdbReader, LmdbWriter, close_all
+from e2epath.preprocess.store import LmdbReader, LmdbWriter, close_all
+from e2epath.sources.slidewriter import write_generic_tiff
 from helpers import smooth_texture
 
 MPP = 0.5  # slide µm/px (20x)

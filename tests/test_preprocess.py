@@ -15,11 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from e2epath import slide as sl
-from e2epath import slidewriter as sw
-from e2epath import store
-from e2epath.preprocess import patching, qc, tissue
+from e2epath.preprocess import patching, qc, store, tissue
+from e2epath.slide import reader as sl
+from e2epath.sources import slidewriter as sw
 from helpers import corrupt_tile
 
 # Slide "tis20": Aperio 20x (0.5 µm/px), 6000 x 4000, pyramid 1/4/16.
@@ -372,7 +370,7 @@ def test_killed_packing_leaves_no_store_and_the_rerun_removes_its_temporary(coho
     code = textwrap.dedent(f"""
         import os, signal, sys
         sys.path[:] = {sys.path!r}
-        from e2epath import store
+        from e2epath.preprocess import store
         from e2epath.preprocess import patching
         add = store.LmdbWriter.add
         def dying_add(self, *a):
@@ -396,7 +394,7 @@ def test_killed_packing_leaves_no_store_and_the_rerun_removes_its_temporary(coho
         raise RuntimeError("boom")
     assert not any(p.name.startswith((".raised", "raised")) for p in tmp_path.iterdir())
     # the rerun completes and removes the killed job's temporary
-    with caplog.at_level(logging.INFO, logger="e2epath.store"):
+    with caplog.at_level(logging.INFO, logger="e2epath.preprocess.store"):
         assert patching.cli(args) == 0
     assert len(store.LmdbReader(tmp_path / "killed.lmdb")) == cohort["rows"]["tis20", 20]["n_patches"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.json", "killed.lmdb"]

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from e2epath import demo, shards
-from e2epath.io import read_json
-from e2epath import store
-from e2epath.preprocess import patching, qc, tissue
+from e2epath.core.io import read_json
+from e2epath.preprocess import patching, qc, shards, store, tissue
+from e2epath.sources import demo
 
 MAG = 10
 
@@ -54,7 +52,7 @@ def run_steps(argv: dict[str, list[str]], caplog, steps=("qc", "tissue", "patch"
     ran: dict[str, dict[str, str]] = {}
     for step in steps:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="e2epath.shards"):
+        with caplog.at_level(logging.INFO, logger="e2epath.preprocess.shards"):
             assert CLIS[step](argv[step]) == 0
         ran[step] = {r.args[1]: r.args[2] for r in caplog.records if r.getMessage().endswith(")")
                      and "running (" in r.getMessage()}

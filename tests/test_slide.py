@@ -9,9 +9,8 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-
-from e2epath import slide as sl
-from e2epath import slidewriter as sw
+from e2epath.slide import reader as sl
+from e2epath.sources import slidewriter as sw
 from helpers import corrupt_tile
 from helpers import smooth_texture as texture
 

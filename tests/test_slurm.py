@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT, tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
@@ -76,7 +75,8 @@ def run(slurm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded(slurm, tmp_path_factory):
     """The demo's preprocessing and features with `preprocess.shards: 2`; (folder, log, shards)."""
-    from e2epath import demo, shards
+    from e2epath.preprocess import shards
+    from e2epath.sources import demo
 
     run = tmp_path_factory.mktemp("sharded")
     config = {**CONFIG, "preprocess": {**CONFIG["preprocess"], "shards": 2}}

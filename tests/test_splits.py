@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from e2epath.splits import SplitError, cli, make_splits
+from e2epath.data.splits import SplitError, cli, make_splits
 
 
 def classification(n_pos: int = 12, n_neg: int = 18) -> pd.DataFrame:

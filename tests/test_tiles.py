@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
-from e2epath import slide as sl
-from e2epath import slidewriter as sw
-from e2epath import tiles
+from e2epath.slide import reader as sl
+from e2epath.slide import tiles
+from e2epath.sources import slidewriter as sw
 from helpers import block_texture as texture
 from helpers import corrupt_tile
 

@@ -16,19 +16,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from e2epath.data import MultiScaleBagDataset, load_bags
-from e2epath.layout import RUN_FILES, Run
-from e2epath.methods import resolve_method
-from e2epath.presets import resolve_encoders
-from e2epath.metrics import main_metric, task_metrics
+from e2epath.core.layout import RUN_FILES, Run
+from e2epath.core.metrics import main_metric, task_metrics
+from e2epath.data.bags import MultiScaleBagDataset, load_bags
+from e2epath.data.splits import make_splits
+from e2epath.data.transforms import crop_boxes, resized_crops
 from e2epath.models import build_aggregator, build_encoder
-from e2epath.splits import make_splits
+from e2epath.models.presets import resolve_encoders
 from e2epath.train import e2e, job
 from e2epath.train.e2e import E2EModel, full_bag_predictor, sampled_batches
 from e2epath.train.job import balanced_order
 from e2epath.train.loop import _better
+from e2epath.train.recipe import resolve_method
 from e2epath.train.tasks import SurvivalTask, build_task, nll_survival
-from e2epath.transforms import crop_boxes, resized_crops
 from helpers import ROOT, write_store_cohort
 
 FAILED = "CASE-02"  # its stores and manifest rows are "failed"; in fold 0's test subset (checked)

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from e2epath.layout import RUN_DIR
+from e2epath.core.layout import RUN_DIR
 from helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.workflow
@@ -102,7 +101,7 @@ def test_all_builds_every_stage(run):
     for path in (run / "results/e2e/subtype/r18_abmilx").glob("fold*/predictions.tsv"):
         preds = pd.read_csv(path, sep="\t")
         assert {"case_id", "label", "prob_negative", "prob_positive"} <= set(preds.columns)
-    from e2epath.layout import Run
+    from e2epath.core.layout import Run
 
     runs = [Run.read(p) for p in (run / "results").glob("*/*/*/fold*/run.json")]  # each run names itself
     assert len(runs) == 2 * 3 * FOLDS
@@ -205,7 +204,7 @@ def job_resources(run: Path, config: dict) -> list[tuple[str, dict[str, str], di
 
 def test_a_shard_job_asks_for_its_slides_time_and_every_job_for_memory(run, sharded):
     """A shard job's time limit is the per-slide job's times its slides: one number per step."""
-    from e2epath.shards import assign
+    from e2epath.preprocess.shards import assign
 
     per_slide = {}
     for rule, _, resources in job_resources(run, TINY):
@@ -358,7 +357,7 @@ def test_sharded_adding_a_slide_redoes_that_slide_alone(sharded, tmp_path):
         stores = {p: p.stat().st_mtime_ns for p in (sharded / "results/lmdb").rglob("*.lmdb")}
         res = snakemake(sharded, config, "--cores", "2", "results/patches/manifest.tsv")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        from e2epath.shards import shard_of
+        from e2epath.preprocess.shards import shard_of
 
         log = (sharded / f"results/logs/shards/patch/10x/{shard_of('EXTRA-1', 3)}.log").read_text()
         assert "EXTRA-1: running (new)" in log
@@ -412,10 +411,9 @@ def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
     method; its features have the preset's width and record the file's hash, as does the table."""
     import hashlib
 
-    from safetensors.torch import save_file
-
     from e2epath.models.encoders import TimmEncoder
-    from e2epath.presets import encoder_spec
+    from e2epath.models.presets import encoder_spec
+    from safetensors.torch import save_file
 
     vit = {"arch": "timm:vit_tiny_patch16_224", "dim": 192, "input_size": 32, "embedding": "cls",
            "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 0}}
@@ -456,8 +454,7 @@ def test_predict_on_raw_slides_equals_the_workflows_predictions(run, tmp_path, c
     import cv2
     import numpy as np
     import torch
-
-    from e2epath import predict
+    from e2epath.deploy import predict
 
     qc = pd.read_csv(run / "results/slides.tsv", sep="\t", dtype={"slide_id": str}).set_index("slide_id")
     folder = run / "results/e2e/subtype/r18_abmilx"
@@ -568,7 +565,7 @@ def write_cohorts(run: Path) -> dict:
     """Two cohorts in the run directory and the config naming them: `ext`, the demo's external cohort
     (another scanner) plus a corrupt slide and a slide whose mpp nobody knows, labelled for the subtype
     task only; `newb`, two of its slides without labels."""
-    from e2epath import demo
+    from e2epath.sources import demo
 
     ext = run / "resources/ext"
     demo.write_external(ext, n_slides=6, seed=1, scale=0.5)

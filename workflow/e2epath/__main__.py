@@ -16,8 +16,8 @@ import sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 STEPS: dict[str, str] = {
-    "demo": "e2epath.demo:cli",
-    "check": "e2epath.sheets:cli",
+    "demo": "e2epath.sources.demo:cli",
+    "check": "e2epath.sources.sheets:cli",
     "qc": "e2epath.preprocess.qc:cli",
     "qc_shard": "e2epath.preprocess.qc:cli_shard",
     "qc_table": "e2epath.preprocess.qc:cli_table",
@@ -27,21 +27,21 @@ STEPS: dict[str, str] = {
     "patch_shard": "e2epath.preprocess.patching:cli_shard",
     "manifest": "e2epath.preprocess.patching:cli_manifest",
     "encoder_weights": "e2epath.models.encoders:cli_weights",
-    "encoders": "e2epath.presets:cli",
-    "methods": "e2epath.methods:cli",
-    "cohort": "e2epath.cohorts:cli",
-    "splits": "e2epath.splits:cli",
+    "encoders": "e2epath.models.presets:cli",
+    "methods": "e2epath.train.recipe:cli",
+    "cohort": "e2epath.sources.importers:cli",
+    "splits": "e2epath.data.splits:cli",
     "train_e2e": "e2epath.train.e2e:cli",
-    "extract_features": "e2epath.features:cli",
-    "extract_features_shard": "e2epath.features:cli_shard",
+    "extract_features": "e2epath.features.extraction:cli",
+    "extract_features_shard": "e2epath.features.extraction:cli_shard",
     "train_mil": "e2epath.train.twostage:cli",
     "evaluate": "e2epath.evaluate.evaluation:cli",
     "tables": "e2epath.evaluate.tables:cli",
     "figures_task": "e2epath.figures:cli_task",
     "figures_cohort": "e2epath.figures:cli_cohort",
-    "predict_cohort": "e2epath.external:cli",
+    "predict_cohort": "e2epath.deploy.cohort:cli",
     "slide_maps": "e2epath.figures.maps:cli",
-    "predict": "e2epath.predict:cli",
+    "predict": "e2epath.deploy.predict:cli",
 }
 
 

@@ -10,18 +10,20 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
-from e2epath import layout, shards, sheets  # noqa: E402
-from e2epath.devices import candidate_devices  # noqa: E402
-from e2epath.methods import ConfigError, feature_encoders, job_encoder_spec, magnifications_used, resolve  # noqa: E402
-from e2epath.presets import resolve_encoders, weights_source  # noqa: E402
-from e2epath.vocabulary import FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
+from e2epath.core import layout  # noqa: E402
+from e2epath.preprocess import shards  # noqa: E402
+from e2epath.sources import sheets  # noqa: E402
+from e2epath.core.devices import candidate_devices  # noqa: E402
+from e2epath.train.recipe import ConfigError, feature_encoders, job_encoder_spec, magnifications_used, resolve  # noqa: E402
+from e2epath.models.presets import resolve_encoders, weights_source  # noqa: E402
+from e2epath.core.vocabulary import FAMILIES, ID_PATTERN, MAGNIFICATIONS  # noqa: E402
 
 validate(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 # The demo cohort is planned (ids, paths) at parse time and written by the `demo_cohort` rule.
 DEMO = config["demo"]["enabled"] and not Path(config["samples"]).exists()
 if DEMO:
-    from e2epath import demo
+    from e2epath.sources import demo
 
     SAMPLES = demo.plan(config["demo"]["n_slides"], config["demo"]["seed"])
     # absolute, as load_samples gives them: the next run reads the written sheet, same inputs
@@ -40,7 +42,7 @@ COHORTS = {}
 DEMO_COHORTS = {}
 for _name, _spec in config["cohorts"].items():
     if config["demo"]["enabled"] and _spec.get("demo") is not None and not Path(_spec["samples"]).exists():
-        from e2epath import demo
+        from e2epath.sources import demo
 
         DEMO_COHORTS[_name] = _spec["demo"]
         _sheet = demo.plan_external(_spec["demo"]["n_slides"], _spec["demo"]["seed"])

@@ -41,7 +41,7 @@ print("e2epath", *argv, flush=True)
 import logging  # noqa: E402 - so that the device claim below is logged too
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-from e2epath.devices import claim_gpu  # noqa: E402 - after sys.path is set
+from e2epath.core.devices import claim_gpu  # noqa: E402 - after sys.path is set
 
 with claim_gpu(int(sm.resources.get("gpu", 0))):
     from e2epath.__main__ import main  # noqa: E402

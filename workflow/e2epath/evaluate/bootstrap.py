@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..metrics import Cases
+from e2epath.core.metrics import Cases
 
 logger = logging.getLogger(__name__)
 

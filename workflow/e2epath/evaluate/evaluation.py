@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path, read_json
-from ..layout import Run, load_tables, read_runs, read_table
-from ..metrics import case_level, main_metric, prepare, unit_of
-from ..vocabulary import INTERNAL, TASK_TYPES
-from .bootstrap import bootstrap, paired_bootstrap
+from e2epath.core.io import atomic_path, read_json
+from e2epath.core.layout import Run, load_tables, read_runs, read_table
+from e2epath.core.metrics import case_level, main_metric, prepare, unit_of
+from e2epath.core.vocabulary import INTERNAL, TASK_TYPES
+from e2epath.evaluate.bootstrap import bootstrap, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 

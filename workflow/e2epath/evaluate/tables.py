@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..io import write_bytes
-from ..layout import read_encoders
-from ..vocabulary import INTERNAL, METRIC_LABELS
-from .evaluation import cohort_order, headline, primary_unit
+from e2epath.core.io import write_bytes
+from e2epath.core.layout import read_encoders
+from e2epath.core.vocabulary import INTERNAL, METRIC_LABELS
+from e2epath.evaluate.evaluation import cohort_order, headline, primary_unit
 
 logger = logging.getLogger(__name__)
 

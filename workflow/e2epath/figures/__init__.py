@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from e2epath.core.io import read_records, replace_dir
+from e2epath.core.layout import load_tables, read_runs
+from e2epath.core.vocabulary import INTERNAL, MAIN_METRIC, TASK_TYPES
 from e2epath.evaluate.evaluation import primary_unit
 from e2epath.figures.common import FigureSkipped, save_figure
-from e2epath.io import atomic_path, read_records
-from e2epath.layout import load_tables, read_runs
-from e2epath.vocabulary import INTERNAL, MAIN_METRIC, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +53,6 @@ class _Writer:
     def finish(self) -> None:
         pd.DataFrame(self.rows, columns=["figure", "status", "reason"]).to_csv(
             self.folder / "figures.tsv", sep="\t", index=False)
-
-
-def _replace_dir(out_dir: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling of ``out_dir``, then put it in place of ``out_dir``."""
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        if out_dir.exists():  # a rerun by hand: os.replace cannot overwrite a full folder
-            shutil.rmtree(out_dir)
 
 
 def _task_figures(args: argparse.Namespace, out: Path) -> None:
@@ -131,7 +121,7 @@ def cli_task(argv: list[str] | None = None) -> int:
     if args.n_boot < 1 or args.n_attention < 1:
         ap.error("--n-boot and --n-attention must be ≥ 1")
     try:
-        _replace_dir(args.out_dir, lambda tmp: _task_figures(args, tmp))
+        replace_dir(args.out_dir, lambda tmp: _task_figures(args, tmp))
     except (OSError, ValueError) as err:  # bad input files: say which and why, no traceback
         logger.error("%s", err)
         return 2
@@ -161,7 +151,7 @@ def cli_cohort(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
-        _replace_dir(args.out_dir, lambda tmp: _cohort_figures(args, tmp))
+        replace_dir(args.out_dir, lambda tmp: _cohort_figures(args, tmp))
     except ValueError as err:
         logger.error("%s", err)
         return 2

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from e2epath.vocabulary import FAMILIES  # noqa: E402
+from e2epath.core.vocabulary import FAMILIES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from e2epath.evaluate.evaluation import COLUMNS, cohort_order, headline, headline_fold, primary_unit
+from e2epath.core.vocabulary import FAMILIES, FAMILY_LABELS, INTERNAL, METRIC_LABELS
+from e2epath.evaluate.evaluation import (
+    COLUMNS,
+    cohort_order,
+    headline,
+    headline_fold,
+    primary_unit,
+)
 from e2epath.figures.common import FigureSkipped
-from e2epath.vocabulary import FAMILIES, FAMILY_LABELS, INTERNAL, METRIC_LABELS
 
 logger = logging.getLogger(__name__)
 

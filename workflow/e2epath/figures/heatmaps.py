@@ -25,9 +25,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from e2epath.core.layout import Run
 from e2epath.figures.common import FigureSkipped
-from e2epath.layout import Run
-from e2epath.slide import SlideError, open_slide
+from e2epath.slide.reader import SlideError, open_slide, read_at_mpp
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,6 @@ def render_attention(rgb: np.ndarray, downsample: tuple[float, float], coords: n
 def slide_image(path: str | Path, slide_mpp: float, out_mpp: float) -> tuple[np.ndarray, tuple[float, float]]:
     """The slide at ``out_mpp`` µm per pixel, read tile by tile from the level just finer than it
     (never the full-resolution raster), and level-0 px per output px (x, y)."""
-    from e2epath.preprocess.tissue import read_at_mpp
-
     osr = open_slide(path)
     try:
         w0, h0 = osr.dimensions
@@ -218,7 +216,7 @@ def write_geojson(path: Path, coords: np.ndarray, patch_l0: float, measurements:
     temporary name, renamed when complete."""
     import json
 
-    from e2epath.io import atomic_path
+    from e2epath.core.io import atomic_path
 
     names = list(measurements)
     values = np.column_stack([np.asarray(measurements[n], np.float64) for n in names]) if names else None

@@ -38,13 +38,19 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from e2epath.figures import _replace_dir
-from e2epath.figures.heatmaps import (MIN_MAP_MPP, patch_montage, read_heads, slide_heatmap, slide_ids,
-                                      tissue_rings, write_geojson)
-from e2epath.io import read_json, read_records, write_bytes
-from e2epath.layout import MAPS_INDEX, PATCH_STORE, PREDICT_FILES, TISSUE_CONTOURS
-from e2epath.slide import SlideError
-from e2epath.store import LmdbReader, close_all
+from e2epath.core.io import read_json, read_records, replace_dir, write_bytes
+from e2epath.core.layout import MAPS_INDEX, PATCH_STORE, PREDICT_FILES, TISSUE_CONTOURS
+from e2epath.figures.heatmaps import (
+    MIN_MAP_MPP,
+    patch_montage,
+    read_heads,
+    slide_heatmap,
+    slide_ids,
+    tissue_rings,
+    write_geojson,
+)
+from e2epath.preprocess.store import LmdbReader, close_all
+from e2epath.slide.reader import SlideError
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +302,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             sources = _open_sources(stack, list(dict.fromkeys(args.attention)))
-            _replace_dir(args.out_dir, lambda tmp: summary.update(index=_write_maps(args, sources, tmp)))
+            replace_dir(args.out_dir, lambda tmp: summary.update(index=_write_maps(args, sources, tmp)))
     except (OSError, ValueError) as err:  # bad input files: say which and why, no traceback
         logger.error("%s", err)
         return 2

@@ -19,10 +19,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from e2epath.core.metrics import prepare, weighted_auc
+from e2epath.core.vocabulary import FAMILY_LABELS
 from e2epath.evaluate.bootstrap import resample_indices
 from e2epath.figures.common import FAMILY_STYLE, FigureSkipped, method_colors, ordered
-from e2epath.metrics import prepare, weighted_auc
-from e2epath.vocabulary import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 

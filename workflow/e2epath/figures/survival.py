@@ -14,8 +14,8 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test
 from matplotlib.figure import Figure
 
+from e2epath.core.vocabulary import FAMILY_LABELS
 from e2epath.figures.common import FigureSkipped, ordered
-from e2epath.vocabulary import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .abmil import ABMIL
-from .abmilx import ABMILX
-from .dsmil import DSMIL
-from .encoders import ResNetTrunk, build_encoder
-from .pooling import MeanPooling
-from .transmil import TransMIL
+from e2epath.models.abmil import ABMIL
+from e2epath.models.abmilx import ABMILX
+from e2epath.models.dsmil import DSMIL
+from e2epath.models.encoders import ResNetTrunk, build_encoder
+from e2epath.models.pooling import MeanPooling
+from e2epath.models.transmil import TransMIL
 
 # One entry per name of e2epath.vocabulary.AGGREGATORS (tests/test_architecture.py).
 AGGREGATORS: dict[str, Callable[..., nn.Module]] = {

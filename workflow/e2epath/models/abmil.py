@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import InstanceEmbedding, check_bag, masked_softmax
+from e2epath.models.layers import InstanceEmbedding, check_bag, masked_softmax
 
 
 class TanhAttention(nn.Module):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import InstanceEmbedding, check_bag, masked_softmax
+from e2epath.models.layers import InstanceEmbedding, check_bag, masked_softmax
 
 # Upper bound on what one query chunk may cost if SDPA falls back to its math kernel
 # (B · heads · chunk · N float32 scores). The fused CPU/CUDA kernels need far less.

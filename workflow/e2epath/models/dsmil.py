@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from .layers import InstanceEmbedding, check_bag, masked_softmax
+from e2epath.models.layers import InstanceEmbedding, check_bag, masked_softmax
 
 
 class DSMIL(nn.Module):

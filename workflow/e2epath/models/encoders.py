@@ -40,7 +40,14 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..presets import PRESETS, EncoderError, check_weights, encoder_spec, parse_hub, weights_source
+from e2epath.models.presets import (
+    PRESETS,
+    EncoderError,
+    check_weights,
+    encoder_spec,
+    parse_hub,
+    weights_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +332,7 @@ def cli_weights(argv: list[str] | None = None) -> int:
     {encoder, weights, path, sha256}; exit 1 with where it was looked for and what to do."""
     import argparse
 
-    from ..io import write_json
+    from e2epath.core.io import write_json
 
     ap = argparse.ArgumentParser(prog="e2epath encoder_weights", description=cli_weights.__doc__)
     ap.add_argument("--encoder", required=True, help="the encoder's name (the record's)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import InstanceEmbedding, check_bag
+from e2epath.models.layers import InstanceEmbedding, check_bag
 
 
 class MeanPooling(nn.Module):

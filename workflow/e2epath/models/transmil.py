@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import InstanceEmbedding, check_bag
+from e2epath.models.layers import InstanceEmbedding, check_bag
 
 
 class SelfAttentionLayer(nn.Module):

@@ -27,11 +27,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .. import shards
-from .. import slide as sl
-from ..io import read_json, read_records, table_cli, write_json
-from ..store import LmdbWriter, encode_jpeg, write_empty_store
-from ..vocabulary import MAGNIFICATIONS
+from e2epath.core.io import read_json, read_records, table_cli, write_json
+from e2epath.core.vocabulary import MAGNIFICATIONS
+from e2epath.preprocess import shards
+from e2epath.preprocess.store import LmdbWriter, encode_jpeg, write_empty_store
+from e2epath.slide import reader as sl
 
 logger = logging.getLogger(__name__)
 

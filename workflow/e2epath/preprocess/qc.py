@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import shards
-from .. import slide as sl
-from ..io import table_cli, write_json
-from ..vocabulary import check_id
+from e2epath.core.io import table_cli, write_json
+from e2epath.core.vocabulary import check_id
+from e2epath.preprocess import shards
+from e2epath.slide import reader as sl
 
 logger = logging.getLogger(__name__)
 

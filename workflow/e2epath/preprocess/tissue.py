@@ -21,9 +21,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .. import shards
-from .. import slide as sl
-from ..io import read_records, write_bytes
+from e2epath.core.io import read_records, write_bytes
+from e2epath.preprocess import shards
+from e2epath.slide import reader as sl
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,6 @@ PRESETS: dict[str, dict[str, float]] = {
     "biopsy": {"median_um": 24.0, "closing_um": 24.0, "min_area_um2": 1e4, "min_hole_um2": 4e3},
 }
 THUMB_PX = 1024  # longest side of the QC thumbnail
-# Mpp within this fraction counts as equal when choosing the level segmentation reads from (the
-# image is then resized to exactly seg_mpp, so this only decides which level is read).
-LEVEL_TOLERANCE = 0.1
 
 
 def tissue_params(preset: str, seg_mpp: float, **overrides: float) -> TissueParams:
@@ -69,27 +66,6 @@ def tissue_params(preset: str, seg_mpp: float, **overrides: float) -> TissuePara
 def _odd(um: float, mpp: float) -> int:
     k = max(1, int(round(um / mpp)))
     return k if k % 2 else k + 1
-
-
-def read_at_mpp(osr, slide_mpp: float, out_mpp: float, tile: int = 512) -> np.ndarray:
-    """The whole slide as RGB at exactly ``out_mpp`` µm/px, read window by window."""
-    level, ds = sl.choose_level(osr.level_downsamples, slide_mpp, out_mpp, LEVEL_TOLERANCE, allow_upsample=True)
-    lw, lh = osr.level_dimensions[level]
-    w0, h0 = osr.dimensions
-    out_w, out_h = max(1, round(w0 * slide_mpp / out_mpp)), max(1, round(h0 * slide_mpp / out_mpp))
-    f = out_mpp / (slide_mpp * ds)  # level px per output px
-    logger.info("segmentation image %dx%d at %.3g µm/px from level %d (downsample %.3g, %.3g level px/px)",
-                out_w, out_h, out_mpp, level, ds, f)
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    for oy in range(0, out_h, tile):
-        for ox in range(0, out_w, tile):
-            tw, th = min(tile, out_w - ox), min(tile, out_h - oy)
-            lx0, ly0 = round(ox * f), round(oy * f)
-            lx1, ly1 = max(lx0 + 1, min(lw, round((ox + tw) * f))), max(ly0 + 1, min(lh, round((oy + th) * f)))
-            win = sl.read_window(osr, level, round(lx0 * ds), round(ly0 * ds), lx1 - lx0, ly1 - ly0)
-            interp = cv2.INTER_AREA if f >= 1 else cv2.INTER_LINEAR
-            out[oy:oy + th, ox:ox + tw] = cv2.resize(win, (tw, th), interpolation=interp)
-    return out
 
 
 def otsu_threshold(values: np.ndarray) -> int:
@@ -227,7 +203,7 @@ def segment_slide(qc: dict[str, Any], p: TissueParams) -> tuple[np.ndarray, np.n
     mds = p.seg_mpp / qc["mpp"]
     osr = sl.open_slide(qc["path"])
     try:
-        rgb = read_at_mpp(osr, qc["mpp"], p.seg_mpp)
+        rgb = sl.read_at_mpp(osr, qc["mpp"], p.seg_mpp)
     finally:
         osr.close()
     mask = segment(rgb, p)

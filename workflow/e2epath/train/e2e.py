@@ -15,12 +15,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import Bag, MultiScaleBagDataset, collate_bags, iter_full_bag, load_bags
-from ..models import build_aggregator, build_encoder
-from ..models.encoders import weights_record
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, model_inputs, resized_crops
-from . import job as training
-from .tasks import Task
+from e2epath.data.bags import (
+    Bag,
+    MultiScaleBagDataset,
+    collate_bags,
+    iter_full_bag,
+    load_bags,
+)
+from e2epath.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from e2epath.data.transforms import model_inputs, resized_crops
+from e2epath.models import build_aggregator, build_encoder
+from e2epath.models.encoders import weights_record
+from e2epath.train import job as training
+from e2epath.train.tasks import Task
 
 logger = logging.getLogger(__name__)
 

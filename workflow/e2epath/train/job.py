@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..devices import torch_device
-from ..io import atomic_path
-from ..layout import CHECKPOINT, RUN_FILES, Run
-from ..sheets import load_labels
-from .loop import Checkpoint, FitResult, Predict, fit
-from .tasks import Task, build_task
+from e2epath.core.devices import torch_device
+from e2epath.core.io import atomic_path
+from e2epath.core.layout import CHECKPOINT, RUN_FILES, Run
+from e2epath.sources.sheets import load_labels
+from e2epath.train.loop import Checkpoint, FitResult, Predict, fit
+from e2epath.train.tasks import Task, build_task
 
 logger = logging.getLogger(__name__)
 

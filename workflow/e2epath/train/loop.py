@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..devices import torch_device
-from ..io import atomic_path
-from ..metrics import task_metrics
-from .tasks import Task
+from e2epath.core.devices import torch_device
+from e2epath.core.io import atomic_path
+from e2epath.core.metrics import task_metrics
+from e2epath.train.tasks import Task
 
 logger = logging.getLogger(__name__)
 

@@ -6,47 +6,15 @@ inputs and the model differ.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from ..io import read_records
-from ..models import build_aggregator
-from . import job as training
+from e2epath.features.files import load_feature_bags
+from e2epath.models import build_aggregator
+from e2epath.train import job as training
 
 logger = logging.getLogger(__name__)
-
-
-def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: set[str],
-                      unit: str = "case", encoders: dict | None = None
-                      ) -> tuple[dict[str, tuple[torch.Tensor, list]], dict[str, str]]:
-    """(bag → (features [N, D] float32, [(slide, coords)]), bag → case) from the per-slide feature
-    files, or from shard tables (JSON) listing them; one bag per case (its slides in slide-id
-    order) or per slide (``unit``). ``encoders``, when given, collects each file's encoder record
-    (name and weights) by checkpoint hash: features of one bag set must come from one checkpoint."""
-    case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
-    files = [p for p in paths if not str(p).endswith(".json")]
-    files += [r["path"] for r in read_records(p for p in paths if str(p).endswith(".json"))]
-    parts: dict[str, list] = {}
-    units: dict[str, str] = {}
-    for path in sorted(files, key=lambda p: Path(p).name):
-        rec = torch.load(path, map_location="cpu", weights_only=True)
-        if encoders is not None and rec.get("encoder_weights") is not None:
-            weights = {"name": rec.get("encoder"), **rec["encoder_weights"]}
-            encoders.setdefault(weights.get("sha256"), weights)
-        case = case_of.get(rec["slide_id"])
-        if case not in cases:
-            continue
-        if rec["status"] != "ok" or len(rec["features"]) == 0:
-            logger.info("skip slide %s: %s", rec["slide_id"], rec.get("message") or rec["status"])
-            continue
-        bag = case if unit == "case" else rec["slide_id"]
-        units[bag] = case
-        parts.setdefault(bag, []).append((rec["slide_id"], rec["features"].float(), rec["coords"].numpy()))
-    bags = {b: (torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p]) for b, p in parts.items()}
-    return bags, units
 
 
 class TwoStage(training.Family):

@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def tmp_name(path: str | Path) -> Path:
@@ -61,6 +61,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if not tmp.exists():
         raise FileNotFoundError(f"{tmp} was not written; refusing to create {path}")
     os.replace(tmp, path)
+
+
+def replace_dir(folder: str | Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder whole: ``fill`` a temporary sibling of ``folder``, then put it in place of
+    ``folder`` (an older one is removed only once the new one is complete)."""
+    folder = Path(folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if folder.exists():  # a rerun by hand: os.replace cannot overwrite a full folder
+            shutil.rmtree(folder)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .vocabulary import MAIN_METRIC, METRICS, TASK_TYPES
+from e2epath.core.vocabulary import MAIN_METRIC, METRICS, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 

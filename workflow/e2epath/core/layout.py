@@ -15,8 +15,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from .io import read_json, write_json
-from .vocabulary import FAMILIES, TASK_TYPES, check_id
+from e2epath.core.io import read_json, write_json
+from e2epath.core.vocabulary import FAMILIES, TASK_TYPES, check_id
 
 logger = logging.getLogger(__name__)
 

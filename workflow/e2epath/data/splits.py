@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from .io import atomic_path
-from .sheets import load_labels
-from .vocabulary import TASK_TYPES
+from e2epath.core.io import atomic_path
+from e2epath.core.vocabulary import TASK_TYPES
+from e2epath.sources.sheets import load_labels
 
 logger = logging.getLogger(__name__)
 

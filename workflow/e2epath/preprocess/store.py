@@ -23,7 +23,7 @@ import cv2
 import lmdb
 import numpy as np
 
-from .io import remove_stale_temporaries, tmp_name
+from e2epath.core.io import remove_stale_temporaries, tmp_name
 
 logger = logging.getLogger(__name__)
 

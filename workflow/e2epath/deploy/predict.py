@@ -38,22 +38,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import Bag
-from .devices import torch_device
-from .figures.heatmaps import tissue_rings
-from .figures.maps import measurements, patch_side_l0, write_slide_maps
-from .io import atomic_path, write_json
-from .external import ModelFileError, read_model, rebuild
-from .layout import PREDICT_FILES
-from .models.encoders import file_sha256
-from .preprocess.patching import PatchParams, patch_to_files
-from .preprocess.qc import slide_qc
-from .preprocess.tissue import run as segment_tissue
-from .preprocess.tissue import tissue_params
-from .store import LmdbReader, close_all
-from .train.e2e import predict_bag
-from .train.tasks import scores
-from .vocabulary import ID_RE
+from e2epath.core.devices import torch_device
+from e2epath.core.io import atomic_path, write_json
+from e2epath.core.layout import PREDICT_FILES
+from e2epath.core.vocabulary import ID_RE
+from e2epath.data.bags import Bag
+from e2epath.deploy.cohort import ModelFileError, read_model, rebuild
+from e2epath.figures.heatmaps import tissue_rings
+from e2epath.figures.maps import measurements, patch_side_l0, write_slide_maps
+from e2epath.models.encoders import file_sha256
+from e2epath.preprocess.patching import PatchParams, patch_to_files
+from e2epath.preprocess.qc import slide_qc
+from e2epath.preprocess.store import LmdbReader, close_all
+from e2epath.preprocess.tissue import run as segment_tissue
+from e2epath.preprocess.tissue import tissue_params
+from e2epath.train.e2e import predict_bag
+from e2epath.train.tasks import scores
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def load_model(path: Path, dev: torch.device) -> Deployed:
     net = rebuild(rec, path)
     feature_encoder = None
     if spec["family"] != "e2e":
-        from .features import build_frozen_encoder
+        from e2epath.features.extraction import build_frozen_encoder
 
         feature_encoder = build_frozen_encoder(spec["encoder_spec"], spec["weights"], rec["seed"], dev)
     logger.info("model %s: %s %s/%s fold %s, %s, %s at %dx, weights %s (epoch %s)", path, spec["family"],
@@ -136,7 +136,7 @@ def infer(model: Deployed, bag: Bag, dev: torch.device) -> tuple[torch.Tensor, n
     if model.feature_encoder is None:
         logits, attn, _ = predict_bag(model.net, bag, spec, dev)
         return logits.cpu(), attn.float().cpu().numpy()
-    from .features import extract
+    from e2epath.features.extraction import extract
 
     store = bag.stores[spec["eval_magnification"]][0]
     feats = extract(model.feature_encoder, store, spec["encoder_spec"]["input_size"], 64, dev, 2).float()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .vocabulary import ID_RE, ID_RULE, TASK_TYPES
+from e2epath.core.vocabulary import ID_RE, ID_RULE, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .presets import IMAGENET_MEAN, IMAGENET_STD
+from e2epath.data.stats import IMAGENET_MEAN, IMAGENET_STD
 
 Stats = tuple[float, float, float] | list[float]
 # RandomResizedCrop's aspect ratio range (torchvision's); its area range is the recipe's crop_scale.

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import atomic_path
-from .sheets import load_labels, load_samples
-from .vocabulary import ID_RE, ID_RULE
+from e2epath.core.io import atomic_path
+from e2epath.core.vocabulary import ID_RE, ID_RULE
+from e2epath.sources.sheets import load_labels, load_samples
 
 logger = logging.getLogger(__name__)
 

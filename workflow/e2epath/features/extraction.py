@@ -18,26 +18,24 @@ import argparse
 import functools
 import json
 import logging
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import shards
-from .devices import torch_device
-from .io import atomic_path, read_records
-from .models import build_encoder
-from .models.encoders import weights_record
-from .presets import EncoderError, PRESETS, encoder_spec
-from .store import LmdbReader, decode_jpeg
-from .transforms import model_inputs
-from .vocabulary import MAGNIFICATIONS
+from e2epath.core.devices import torch_device
+from e2epath.core.io import read_records
+from e2epath.core.vocabulary import MAGNIFICATIONS
+from e2epath.data.decoding import PatchBatches
+from e2epath.data.transforms import model_inputs
+from e2epath.features.files import record, write_features
+from e2epath.models import build_encoder
+from e2epath.models.encoders import weights_record
+from e2epath.models.presets import PRESETS, EncoderError, encoder_spec
+from e2epath.preprocess import shards
+from e2epath.preprocess.store import LmdbReader
 
 logger = logging.getLogger(__name__)
 
@@ -54,51 +52,6 @@ def choose_row(rows: list[dict], magnification: int) -> tuple[dict | None, str]:
     if not ok:
         return None, f"{why}; no magnification is usable, slide skipped"
     return by_mag[ok[0]], f"{why}; falling back to {ok[0]}x"
-
-
-def decode_batch(jpegs: list[bytes], first: int, where: str) -> Tensor:
-    """JPEG bytes → uint8 [B, H, W, 3] at the stored size (runs in a worker thread)."""
-    rgb = []
-    for k, data in enumerate(jpegs):
-        try:
-            rgb.append(decode_jpeg(data))
-        except ValueError as err:
-            raise ValueError(f"{where}: patch {first + k}: {err}; re-run the patch rule for this slide") from err
-    return torch.from_numpy(np.stack(rgb))
-
-
-class PatchBatches:
-    """A store's patches as uint8 [B, H, W, 3] batches, in order, ``workers`` batches ahead.
-
-    JPEG bytes are read from LMDB in the calling thread (the store's shared environment is not
-    thread-safe to open) and decoded in the pool. ``workers=0`` decodes inline.
-    """
-
-    def __init__(self, store: LmdbReader, batch_size: int, workers: int) -> None:
-        self.store, self.batch_size, self.workers = store, batch_size, workers
-        self.starts = range(0, len(store), batch_size)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def _jpegs(self, start: int) -> list[bytes]:
-        return [self.store.get_jpeg(i) for i in range(start, min(start + self.batch_size, len(self.store)))]
-
-    def __iter__(self) -> Iterator[Tensor]:
-        where = str(self.store.path)
-        if self.workers <= 0:
-            for start in self.starts:
-                yield decode_batch(self._jpegs(start), start, where)
-            return
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            pending: deque = deque()
-            todo = iter(self.starts)
-            for start in todo:  # keep one batch per worker in flight, plus the one being used
-                pending.append(pool.submit(decode_batch, self._jpegs(start), start, where))
-                if len(pending) > self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
 
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,15 +89,6 @@ def build_frozen_encoder(spec: dict, weights: str | None, seed: int, dev: torch.
     if dev.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     return encoder
-
-
-def record(slide: str, status: str, message: str, magnification: int | None = None,
-           features: Tensor | None = None, coords: np.ndarray | None = None) -> dict:
-    """The .pt content (docs/contracts.md "Features")."""
-    return {"slide_id": slide, "status": status, "message": message, "magnification": magnification,
-            "features": features if features is not None else torch.zeros(0, 0, dtype=torch.float16),
-            "coords": torch.from_numpy(np.ascontiguousarray(coords, np.int32)) if coords is not None
-            else torch.zeros(0, 2, dtype=torch.int32)}
 
 
 OUTPUTS: shards.Outputs = {"out": ("feature_dir", ".pt")}  # the .pt record (per shard: a folder of them)
@@ -237,8 +181,7 @@ class Extractor:
                 rec = record(slide, "failed", str(err), mag)
         rec["encoder_weights"] = self.weights
         rec["encoder"] = p.encoder["name"]
-        with atomic_path(out) as tmp:
-            torch.save(rec, tmp)
+        write_features(out, rec)
         return {"slide_id": slide, "status": rec["status"], "message": rec["message"], "path": str(out)}
 
 

@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .io import read_records
-from .sampling import scale_counts
-from .store import LmdbReader
-from .transforms import crop_boxes
+from e2epath.core.io import read_records
+from e2epath.data.decoding import PatchBatches
+from e2epath.data.sampling import scale_counts
+from e2epath.data.transforms import crop_boxes
+from e2epath.preprocess.store import LmdbReader
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +207,8 @@ def iter_full_bag(bag: Bag, magnification: int, chunk: int, decode_threads: int 
 
     Yields (slide_id, coords [n, 2], uint8 [n, P, P, 3]); `transforms.model_inputs` on the device
     makes them model inputs exactly as in training, minus the randomness. With ``decode_threads``
-    the next chunks are decoded in background threads (`features.PatchBatches`), in order.
+    the next chunks are decoded in background threads (`decoding.PatchBatches`), in order.
     """
-    from .features import PatchBatches
-
     for store in bag.stores.get(magnification, []):
         slide, coords = store.meta["slide_id"], store.coords
         for start, rgb in zip(range(0, len(store), chunk), PatchBatches(store, chunk, decode_threads)):

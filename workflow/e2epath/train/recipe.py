@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .presets import EncoderError, check_weights, resolve_encoders
-from .sampling import scale_counts
-from .vocabulary import FAMILIES, MAIN_METRIC, METRICS
+from e2epath.core.vocabulary import FAMILIES, MAIN_METRIC, METRICS
+from e2epath.data.sampling import scale_counts
+from e2epath.models.presets import EncoderError, check_weights, resolve_encoders
 
 # A task's unit of prediction, its model-selection metric (the metric the paper reports) and the
 # oversampling of its training classes: properties of the task's data, the same for every method.
@@ -354,7 +354,7 @@ def load_config(path: str | Path) -> dict:
     from snakemake.utils import validate
 
     config = yaml.safe_load(Path(path).read_text())
-    validate(config, Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml")
+    validate(config, Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml")
     return config
 
 

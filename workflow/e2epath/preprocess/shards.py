@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-from .io import read_json, write_json
+from e2epath.core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 

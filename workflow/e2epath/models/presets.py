@@ -30,8 +30,8 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from e2epath.data.stats import IMAGENET_MEAN, IMAGENET_STD
+
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 

@@ -29,12 +29,15 @@ import numpy as np
 import openslide
 from openslide import lowlevel
 
-from . import tiles
+from e2epath.slide import tiles
 
 logger = logging.getLogger(__name__)
 
 # Anything outside this range is a placeholder (e.g. a 72 dpi TIFF default), not a scan.
 PLAUSIBLE_MPP = (0.05, 20.0)
+# `read_at_mpp`: mpp within this fraction counts as equal when choosing the level to read from (the
+# image is then resized to exactly the wanted mpp, so this only decides which level is read).
+LEVEL_TOLERANCE = 0.1
 MPP_KEYS = ("openslide.mpp-x", "tiff.XResolution + tiff.ResolutionUnit", "openslide.objective-power")
 
 
@@ -225,3 +228,25 @@ def read_window(osr: openslide.AbstractSlide, level: int, x0: int, y0: int, w: i
     except lowlevel.OpenSlideError as e:
         window = (x0, y0, int(round(w * ds)), int(round(h * ds)))
         raise SlideReadError(slide_name(osr), level, window, str(e)) from e
+
+
+def read_at_mpp(osr, slide_mpp: float, out_mpp: float, tile: int = 512) -> np.ndarray:
+    """The whole slide as RGB at exactly ``out_mpp`` µm/px (tissue segmentation, map backgrounds), read
+    window by window from the coarsest level within `LEVEL_TOLERANCE` of fine enough."""
+    level, ds = choose_level(osr.level_downsamples, slide_mpp, out_mpp, LEVEL_TOLERANCE, allow_upsample=True)
+    lw, lh = osr.level_dimensions[level]
+    w0, h0 = osr.dimensions
+    out_w, out_h = max(1, round(w0 * slide_mpp / out_mpp)), max(1, round(h0 * slide_mpp / out_mpp))
+    f = out_mpp / (slide_mpp * ds)  # level px per output px
+    logger.info("slide image %dx%d at %.3g µm/px from level %d (downsample %.3g, %.3g level px/px)",
+                out_w, out_h, out_mpp, level, ds, f)
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for oy in range(0, out_h, tile):
+        for ox in range(0, out_w, tile):
+            tw, th = min(tile, out_w - ox), min(tile, out_h - oy)
+            lx0, ly0 = round(ox * f), round(oy * f)
+            lx1, ly1 = max(lx0 + 1, min(lw, round((ox + tw) * f))), max(ly0 + 1, min(lh, round((oy + th) * f)))
+            win = read_window(osr, level, round(lx0 * ds), round(ly0 * ds), lx1 - lx0, ly1 - ly0)
+            interp = cv2.INTER_AREA if f >= 1 else cv2.INTER_LINEAR
+            out[oy:oy + th, ox:ox + tw] = cv2.resize(win, (tw, th), interpolation=interp)
+    return out

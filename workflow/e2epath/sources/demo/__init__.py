@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from e2epath.slidewriter import write_aperio_svs, write_generic_tiff
+from e2epath.sources.slidewriter import write_aperio_svs, write_generic_tiff
 
 logger = logging.getLogger(__name__)
 

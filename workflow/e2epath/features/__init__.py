@@ -1,0 +1,2 @@
+"""Frozen-encoder features for the two-stage baseline: extraction (`extraction`) and the feature
+files (`files`)."""
