@@ -17,12 +17,11 @@ import pytest
 import yaml
 from e2epath import models
 from e2epath.__main__ import STEPS
-from e2epath.core import layout, metrics, vocabulary
-from e2epath.data.splits import MODES
+from e2epath.core import layout, predictions, vocabulary
 from e2epath.models import presets
 from e2epath.models.encoders import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
-from e2epath.train.loop import OPTIMIZERS
+from e2epath.train.loop import OPTIMIZER_CLASSES
 from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -115,10 +114,14 @@ def test_schema_enums_are_the_package_constants():
     assert set(ARCHITECTURES) <= set(presets.PRESETS)
     assert tuple(method["aggregator"]["enum"]) == vocabulary.AGGREGATORS == tuple(models.AGGREGATORS)
     assert props["cohorts"]["propertyNames"]["not"]["const"] == vocabulary.INTERNAL  # the training cohort's name
-    assert tuple(method["optimizer"]["enum"]) == tuple(OPTIMIZERS)
+    assert tuple(method["optimizer"]["enum"]) == vocabulary.OPTIMIZERS == tuple(OPTIMIZER_CLASSES)
+    assert tuple(method["eval_crop"]["enum"]) == vocabulary.EVAL_CROPS
     task = props["tasks"]["additionalProperties"]["properties"]
     assert tuple(task["type"]["enum"]) == vocabulary.TASK_TYPES
-    assert tuple(props["splits"]["properties"]["mode"]["enum"]) == MODES
+    assert tuple(task["bag"]["enum"]) == vocabulary.BAG_UNITS
+    assert tuple(task["select_on"]["enum"]) == vocabulary.SELECT_ON
+    assert set(vocabulary.SELECT_ON) == {"auc", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "c_index"}
+    assert tuple(props["splits"]["properties"]["mode"]["enum"]) == vocabulary.SPLIT_MODES
     assert tuple(props["preprocess"]["properties"]["tissue"]["properties"]["preset"]["enum"]) == tuple(PRESETS)
     assert tuple(props["preprocess"]["properties"]["magnifications"]["items"]["$ref"].split("/")[-1:]) == \
         ("magnification",)
@@ -138,7 +141,7 @@ def test_metric_names_are_what_the_metrics_compute():
     }
     assert set(tables) == set(vocabulary.TASK_TYPES) == set(vocabulary.METRICS) == set(vocabulary.MAIN_METRIC)
     for task_type, df in tables.items():
-        assert tuple(metrics.task_metrics(task_type, df)) == vocabulary.METRICS[task_type]
+        assert tuple(predictions.task_metrics(task_type, df)) == vocabulary.METRICS[task_type]
         assert vocabulary.MAIN_METRIC[task_type] in vocabulary.METRICS[task_type]
         assert set(vocabulary.METRICS[task_type]) <= set(vocabulary.METRIC_LABELS)
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from e2epath.core import layout
 from e2epath.core import metrics as m
+from e2epath.core import predictions
 from e2epath.core.layout import read_runs
 from e2epath.evaluate import bootstrap as bs
 from e2epath.evaluate import evaluation as ev
@@ -85,7 +86,7 @@ def test_binary_and_multiclass_equal_sklearn(seed):
     rng = np.random.default_rng(seed)
     for classes in (["neg", "pos"], ["LUAD", "LUSC", "normal"]):
         df = _cls_df(rng, 97, classes)
-        ours = m.task_metrics("classification", df)
+        ours = predictions.task_metrics("classification", df)
         ref, y, pred = _sk_classification(df, classes)
         assert set(ours) == set(ref)
         for name in ref:
@@ -101,7 +102,7 @@ def test_grading_qwk_equals_sklearn_with_numeric_class_order(seed):
     rng = np.random.default_rng(seed)
     grades = [1, 2, 10]  # string order would put 10 before 2 and change the kappa weights
     df = _cls_df(rng, 120, grades, signal=1.5)
-    ours = m.task_metrics("grading", df)
+    ours = predictions.task_metrics("grading", df)
     y = df["label"].astype(int).to_numpy()
     pred = np.array(grades)[df[[f"prob_{g}" for g in grades]].to_numpy().argmax(1)]
     assert np.isclose(ours["qwk"], cohen_kappa_score(y, pred, labels=grades, weights="quadratic"), **TIGHT)
@@ -118,7 +119,7 @@ def test_grading_qwk_equals_sklearn_with_numeric_class_order(seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_c_index_equals_lifelines_with_ties_and_censoring(seed):
     df = _surv_df(np.random.default_rng(seed), 150)
-    ours = m.task_metrics("survival", df)["c_index"]
+    ours = predictions.task_metrics("survival", df)["c_index"]
     ref = concordance_index(df["time"], -df["risk"], df["event"])
     assert np.isclose(ours, ref, **TIGHT)
     assert np.isclose(m.c_index(df["time"], df["event"], df["risk"]), ref, **TIGHT)
@@ -129,15 +130,15 @@ def test_stratified_auc_compares_pairs_within_folds_only(classes):
     rng = np.random.default_rng(1)
     df = _cls_df(rng, 120, classes).assign(fold=np.repeat([0, 1, 2], 40))
     expected = _fold_weighted_auc([df[df["fold"] == f] for f in range(3)], classes)
-    cases = m.prepare("classification", df, strata="fold")
+    cases = predictions.prepare("classification", df, strata="fold")
     assert np.isclose(cases.point()["auc"], expected, **TIGHT)
     # fold 1's model scores every case lower (x 0.5, exact in floating point): the stratified AUC does
     # not see it, a plain one does
     shifted = df.copy()
     cols = [f"prob_{c}" for c in classes]
     shifted.loc[df["fold"] == 1, cols] = shifted.loc[df["fold"] == 1, cols] * 0.5
-    assert np.isclose(m.prepare("classification", shifted, strata="fold").point()["auc"], expected, **TIGHT)
-    assert not np.isclose(m.task_metrics("classification", shifted)["auc"], m.task_metrics("classification", df)["auc"])
+    assert np.isclose(predictions.prepare("classification", shifted, strata="fold").point()["auc"], expected, **TIGHT)
+    assert not np.isclose(predictions.task_metrics("classification", shifted)["auc"], predictions.task_metrics("classification", df)["auc"])
 
 
 def _pair_counts(time, event, risk) -> tuple[float, float]:
@@ -164,7 +165,7 @@ def test_stratified_c_index_compares_pairs_within_folds_only(seed):
     expected = sum(c for _, c in counts) / sum(n for n, _ in counts)
     ours = m.c_index(df["time"], df["event"], df["risk"], strata=df["fold"])
     assert np.isclose(ours, expected, **TIGHT)
-    assert np.isclose(m.prepare("survival", df, strata="fold").point()["c_index"], expected, **TIGHT)
+    assert np.isclose(predictions.prepare("survival", df, strata="fold").point()["c_index"], expected, **TIGHT)
     # each fold's model has its own risk offset: the stratified C-index does not see it, a plain one does
     shifted = df["risk"] + 10.0 * df["fold"]
     assert np.isclose(m.c_index(df["time"], df["event"], shifted, strata=df["fold"]), expected, **TIGHT)
@@ -199,29 +200,29 @@ def test_main_metric_and_bad_input():
     df = _cls_df(np.random.default_rng(0), 10, ["a", "b"])
     df.loc[3, "label"] = "c"
     with pytest.raises(ValueError, match="case0003.*'c'"):
-        m.task_metrics("classification", df)
+        predictions.task_metrics("classification", df)
     with pytest.raises(ValueError, match="risk"):
-        m.task_metrics("survival", _surv_df(np.random.default_rng(0), 5).drop(columns="risk"))
+        predictions.task_metrics("survival", _surv_df(np.random.default_rng(0), 5).drop(columns="risk"))
 
 
 def test_undefined_metrics_are_nan_with_warning(caplog):
     df = _cls_df(np.random.default_rng(0), 12, ["a", "b"])
     df["label"] = "a"  # a fold with a single class
     with caplog.at_level(logging.WARNING, logger="e2epath.core.metrics"):
-        out = m.task_metrics("classification", df)
+        out = predictions.task_metrics("classification", df)
     assert np.isnan(out["auc"]) and not np.isnan(out["accuracy"])
     assert any("auc is undefined" in r.getMessage() for r in caplog.records)
-    iv = bs.bootstrap(m.prepare("classification", df), n_boot=20, seed=0)["auc"]
+    iv = bs.bootstrap(predictions.prepare("classification", df), n_boot=20, seed=0)["auc"]
     assert iv.n_valid == 0 and np.isnan(iv.mean) and np.isnan(iv.ci_low)
     surv = _surv_df(np.random.default_rng(0), 8).assign(event=0)
-    assert np.isnan(m.task_metrics("survival", surv)["c_index"])
+    assert np.isnan(predictions.task_metrics("survival", surv)["c_index"])
 
 
 # --------------------------------------------------------------------------- bootstrap
 
 def _loop_reference(task_type, df, idx):
     """Slow reference: scikit-learn / lifelines on each resample (NaN where they cannot compute)."""
-    cases = m.prepare(task_type, df)  # sorted by case_id: the order the indices refer to
+    cases = predictions.prepare(task_type, df)  # sorted by case_id: the order the indices refer to
     out = {name: [] for name in cases.metric_names}
     for rows in idx:
         if task_type == "survival":
@@ -254,7 +255,7 @@ def _loop_reference(task_type, df, idx):
     ("survival", _surv_df(np.random.default_rng(4), 40)),
 ])
 def test_vectorised_bootstrap_equals_loop(task_type, df):
-    cases = m.prepare(task_type, df)
+    cases = predictions.prepare(task_type, df)
     idx = bs.resample_indices(cases.n, 50, seed=7)
     fast = bs.resampled_metrics(cases, idx)
     slow = _loop_reference(task_type, df, idx)
@@ -269,13 +270,13 @@ def test_vectorised_bootstrap_equals_loop(task_type, df):
 
 
 def test_bootstrap_deterministic_and_interval_contains_point():
-    cases = m.prepare("survival", _surv_df(np.random.default_rng(0), 200))
+    cases = predictions.prepare("survival", _surv_df(np.random.default_rng(0), 200))
     a = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
     b = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
     c = bs.bootstrap(cases, n_boot=200, seed=4)["c_index"]
     assert a == b and a.mean != c.mean
     assert a.ci_low < a.point < a.ci_high
-    cls = m.prepare("classification", _cls_df(np.random.default_rng(0), 200, ["a", "b", "c"]))
+    cls = predictions.prepare("classification", _cls_df(np.random.default_rng(0), 200, ["a", "b", "c"]))
     for iv in bs.bootstrap(cls, n_boot=200, seed=0).values():
         assert iv.ci_low <= iv.point <= iv.ci_high
 
@@ -287,11 +288,11 @@ def test_pooled_resamples_stay_within_their_folds():
     assert np.array_equal(idx, bs.resample_indices(30, 300, seed=1, strata=strata))
     assert len(np.unique(idx[:, strata == 0])) == 7  # and draws from all of its cases
     df = _surv_df(np.random.default_rng(2), 30).assign(fold=strata)
-    pooled = m.prepare("survival", df, strata="fold")
+    pooled = predictions.prepare("survival", df, strata="fold")
     iv = bs.bootstrap(pooled, n_boot=300, seed=1)["c_index"]
     values = bs.resampled_metrics(pooled, bs.resample_indices(30, 300, seed=1, strata=pooled.strata))["c_index"]
     assert np.isclose(iv.mean, np.nanmean(values), **TIGHT)  # bootstrap() used the within-fold resamples
-    moved = m.prepare("survival", df.assign(fold=np.roll(strata, 1)), strata="fold")
+    moved = predictions.prepare("survival", df.assign(fold=np.roll(strata, 1)), strata="fold")
     with pytest.raises(ValueError, match="different test folds"):
         bs.paired_bootstrap(pooled, moved, n_boot=10, seed=0)
 
@@ -302,7 +303,7 @@ def test_paired_bootstrap():
     noise = good.copy()
     noise["prob_a"] = rng.uniform(size=len(noise))
     noise["prob_b"] = 1 - noise["prob_a"]
-    cg, cn = m.prepare("classification", good), m.prepare("classification", noise)
+    cg, cn = predictions.prepare("classification", good), predictions.prepare("classification", noise)
     self_diff = bs.paired_bootstrap(cg, cg, n_boot=100, seed=0)
     for pv in self_diff.values():
         assert pv.diff_point == 0 and pv.diff_mean == 0 and pv.ci_low == pv.ci_high == 0 and pv.p_value == 1
@@ -319,7 +320,7 @@ def test_paired_bootstrap():
     tails = ((d <= 0).sum() + 1) / 201, ((d >= 0).sum() + 1) / 201
     assert np.isclose(diff.p_value, min(1, 2 * min(tails)), **TIGHT)
     with pytest.raises(ValueError, match="same cases"):
-        bs.paired_bootstrap(cg, m.prepare("classification", noise.iloc[:-1]), n_boot=10, seed=0)
+        bs.paired_bootstrap(cg, predictions.prepare("classification", noise.iloc[:-1]), n_boot=10, seed=0)
 
 
 # --------------------------------------------------------------------------- command lines

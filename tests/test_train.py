@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 from e2epath.core.layout import RUN_FILES, Run
-from e2epath.core.metrics import main_metric, task_metrics
+from e2epath.core.metrics import main_metric
+from e2epath.core.predictions import task_metrics
 from e2epath.data.bags import MultiScaleBagDataset, load_bags
 from e2epath.data.splits import make_splits
 from e2epath.data.transforms import crop_boxes, resized_crops

@@ -31,12 +31,25 @@ MAIN_METRIC = {"classification": "auc", "grading": "accuracy", "survival": "c_in
 METRIC_LABELS = {"auc": "AUC", "accuracy": "Acc.", "balanced_accuracy": "Bal. Acc.", "macro_f1": "Macro F1",
                  "qwk": "QWK", "c_index": "C-index"}
 
-# How a method is trained: end to end (encoder + aggregator), or an aggregator on frozen features.
+# How a method is trained: end to end (e2e: encoder + aggregator), or an aggregator on frozen
+# features (twostage; "two-stage" in tables and figures).
 FAMILIES = ("e2e", "twostage")
 FAMILY_LABELS = {"e2e": "E2E", "twostage": "two-stage"}
 
-# MIL aggregators a method may name (encoders: e2epath.presets, and a config's own).
+# The metrics a task may select its checkpoints on (`tasks.<task>.select_on`): any metric of any task type.
+SELECT_ON = tuple(dict.fromkeys(m for names in METRICS.values() for m in names))
+
+# MIL aggregators a method may name (encoders: e2epath.models.presets, and a config's own).
 AGGREGATORS = ("abmilx", "abmil", "abmil_gated", "transmil", "dsmil", "mean")
+# What a bag is (`tasks.<task>.bag`): one slide, or a case with all its slides.
+BAG_UNITS = ("slide", "case")
+# The evaluation input of an E2E method (`eval_crop`): the centre input_size crop of each stored patch,
+# or the whole patch resized to input_size.
+EVAL_CROPS = ("center", "whole")
+# Optimisers a method may name (`optimizer`).
+OPTIMIZERS = ("adam", "adamw")
+# How cases are split (`splits.mode`): k folds, each tested once, or one train / validation / test split.
+SPLIT_MODES = ("kfold", "holdout")
 
 
 # The training cohort in tables with a `cohort` column (its pooled test folds); config `cohorts:`

@@ -30,7 +30,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from e2epath.core import seeds
 from e2epath.core.io import read_records
+from e2epath.core.vocabulary import BAG_UNITS
 from e2epath.data.decoding import PatchBatches
 from e2epath.data.sampling import scale_counts
 from e2epath.data.transforms import crop_boxes
@@ -39,7 +41,6 @@ from e2epath.preprocess.store import LmdbReader
 logger = logging.getLogger(__name__)
 
 
-UNITS = ("slide", "case")  # what a bag is: the config's tasks.<task>.bag
 
 
 @dataclass
@@ -62,8 +63,8 @@ def load_bags(slides_tsv: str | Path, rows: list[str | Path], cases: list[str], 
 
     A bag none of whose slides has a usable store is left out with a warning naming it.
     """
-    if unit not in UNITS:
-        raise ValueError(f"bag unit {unit!r} is not one of {UNITS}")
+    if unit not in BAG_UNITS:
+        raise ValueError(f"bag unit {unit!r} is not one of {BAG_UNITS}")
     sheet = pd.read_csv(slides_tsv, sep="\t", dtype={"slide_id": str, "case_id": str})
     wanted = set(cases)
     case_of = {s: c for s, c in zip(sheet["slide_id"], sheet["case_id"]) if c in wanted}
@@ -138,7 +139,7 @@ class MultiScaleBagDataset(Dataset):
 
     def sample(self, position: int) -> list[tuple[int, int, int]]:
         """(magnification, store, patch) triples of item ``position`` of this epoch."""
-        rng = np.random.default_rng([self.seed, self.epoch, position])
+        rng = seeds.bag_rng(self.seed, self.epoch, position)
         bag, picks = self.bags[self.order[position]], []
         for m, count in self.scale_counts_of(bag).items():
             sizes = [len(s) for s in bag.stores[m]]
@@ -162,7 +163,7 @@ class MultiScaleBagDataset(Dataset):
                                      f"patches, other stores of the case {patches.shape[2]}-px; every store of a "
                                      "run has preprocess.patch_size: rerun its patch jobs")
                 patches.numpy()[k] = rgb
-        rng = np.random.default_rng([self.seed, self.epoch, position, 1])
+        rng = seeds.bag_rng(self.seed, self.epoch, position, 1)
         boxes = crop_boxes(len(picks), *patches.shape[1:3], rng, **self.augment)
         return patches, torch.from_numpy(boxes), self.targets[index], index
 

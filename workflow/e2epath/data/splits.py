@@ -13,15 +13,14 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from e2epath.core import seeds
 from e2epath.core.io import atomic_path
-from e2epath.core.vocabulary import TASK_TYPES
+from e2epath.core.vocabulary import SPLIT_MODES, TASK_TYPES
 from e2epath.sources.sheets import load_labels
 
 logger = logging.getLogger(__name__)
 
 
-# The config schema's `splits.mode` enum (tests/test_architecture.py).
-MODES = ("kfold", "holdout")
 
 
 class SplitError(ValueError):
@@ -80,10 +79,10 @@ def kfold(labels: pd.DataFrame, task_type: str, k: int, val_fraction: float, see
     key = strata(labels, task_type, k)
     _check_counts(key, k, f"into {k} folds")
     cases = labels["case_id"].to_numpy()
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seeds.split(seed))
     rows = []
     for fold, (train_idx, test_idx) in enumerate(skf.split(cases, key)):
-        tr, va = _split_off(train_idx, key, val_fraction, seed + fold, f"fold {fold} validation")
+        tr, va = _split_off(train_idx, key, val_fraction, seeds.validation(seed, fold), f"fold {fold} validation")
         for subset, idx in (("train", tr), ("val", va), ("test", test_idx)):
             rows += [(c, fold, subset) for c in cases[idx]]
     return pd.DataFrame(rows, columns=["case_id", "fold", "subset"])
@@ -94,8 +93,8 @@ def holdout(labels: pd.DataFrame, task_type: str, fractions: list[float], seed: 
     key = strata(labels, task_type, 3)
     _check_counts(key, 3, "into train / val / test")
     idx = np.arange(len(labels))
-    rest, test = _split_off(idx, key, f_test, seed, "test")
-    tr, va = _split_off(rest, key, f_val / (f_train + f_val), seed, "validation")
+    rest, test = _split_off(idx, key, f_test, seeds.split(seed), "test")
+    tr, va = _split_off(rest, key, f_val / (f_train + f_val), seeds.validation(seed, 0), "validation")
     cases = labels["case_id"].to_numpy()
     rows = [(cases[i], 0, s) for s, ids in (("train", tr), ("val", va), ("test", test)) for i in ids]
     return pd.DataFrame(rows, columns=["case_id", "fold", "subset"])
@@ -104,8 +103,8 @@ def holdout(labels: pd.DataFrame, task_type: str, fractions: list[float], seed: 
 def make_splits(labels: pd.DataFrame, task_type: str, mode: str, k: int, val_fraction: float,
                 holdout_fractions: list[float], seed: int) -> pd.DataFrame:
     """Rows (case_id, fold, subset): every case is tested in exactly one fold (kfold) or once (holdout)."""
-    if mode not in MODES:
-        raise SplitError(f"unknown split mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode not in SPLIT_MODES:
+        raise SplitError(f"unknown split mode {mode!r}; use one of {', '.join(SPLIT_MODES)}")
     if mode == "kfold" and k < 2:
         raise SplitError(f"splits.k = {k}: k-fold needs at least 2 folds (or use the holdout mode)")
     if mode == "kfold" and not 0 < val_fraction < 1:
@@ -127,7 +126,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--task", required=True)
     ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
-    ap.add_argument("--mode", required=True, choices=MODES)
+    ap.add_argument("--mode", required=True, choices=SPLIT_MODES)
     ap.add_argument("--k", type=int, required=True)
     ap.add_argument("--val-fraction", type=float, required=True)
     ap.add_argument("--holdout", type=float, nargs=3, required=True, help="train, val, test fractions")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from e2epath.core.vocabulary import EVAL_CROPS
 from e2epath.data.stats import IMAGENET_MEAN, IMAGENET_STD
 
 Stats = tuple[float, float, float] | list[float]
@@ -65,10 +66,10 @@ def full_boxes(n: int, h: int, w: int) -> torch.Tensor:
 def eval_boxes(n: int, h: int, w: int, size: int, crop: str) -> torch.Tensor:
     """Evaluation boxes: the centre ``size`` × ``size`` crop of each patch (`center`, torchvision's
     CenterCrop; the whole patch when it is not larger), or the whole patch (`whole`)."""
+    if crop not in EVAL_CROPS:
+        raise ValueError(f"eval_crop {crop!r} is not one of {EVAL_CROPS}")
     if crop == "whole" or (h <= size and w <= size):
         return full_boxes(n, h, w)
-    if crop != "center":
-        raise ValueError(f"eval_crop {crop!r} is not center or whole")
     cw, ch = min(size, w), min(size, h)
     return torch.tensor([[(w - cw) // 2, (h - ch) // 2, cw, ch, 0, 0]], dtype=torch.float32).repeat(n, 1)
 
@@ -112,8 +113,8 @@ def model_inputs(x: torch.Tensor, size: int, crop: str, mean: Stats = IMAGENET_M
         cw, ch = min(size, w), min(size, h)
         x0, y0 = (w - cw) // 2, (h - ch) // 2
         x = x[:, y0:y0 + ch, x0:x0 + cw]
-    elif crop != "whole":
-        raise ValueError(f"eval_crop {crop!r} is not center or whole")
+    elif crop not in EVAL_CROPS:
+        raise ValueError(f"eval_crop {crop!r} is not one of {EVAL_CROPS}")
     t = x.movedim(-1, -3).float()  # [N, 3, h, w], channels_last memory
     if tuple(t.shape[-2:]) != (size, size) and n:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)

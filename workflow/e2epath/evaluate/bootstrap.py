@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2epath.core.metrics import Cases
+from e2epath.core import seeds
+from e2epath.core.predictions import Cases
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def resample_indices(n: int, n_boot: int, seed: int, strata: np.ndarray | None =
     """(n_boot, n) case indices drawn with replacement; a function of (n, n_boot, seed, strata) only.
     With ``strata`` (pooled test folds) each stratum is resampled within itself, so every resample
     keeps the folds' sizes, as the cross-validation design fixed them."""
-    rng = np.random.default_rng(seed)
+    rng = seeds.bootstrap_rng(seed)
     if strata is None:
         return rng.integers(0, n, size=(n_boot, n)) if n else np.zeros((n_boot, 0), int)
     idx = np.empty((n_boot, n), int)

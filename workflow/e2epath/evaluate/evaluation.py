@@ -27,7 +27,8 @@ import pandas as pd
 
 from e2epath.core.io import atomic_path, read_json
 from e2epath.core.layout import Run, load_tables, read_runs, read_table
-from e2epath.core.metrics import case_level, main_metric, prepare, unit_of
+from e2epath.core.metrics import main_metric
+from e2epath.core.predictions import case_level, prepare, unit_of
 from e2epath.core.vocabulary import INTERNAL, TASK_TYPES
 from e2epath.evaluate.bootstrap import bootstrap, paired_bootstrap
 

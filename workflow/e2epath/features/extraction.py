@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from e2epath.core import seeds
 from e2epath.core.devices import torch_device
 from e2epath.core.io import read_records
 from e2epath.core.vocabulary import MAGNIFICATIONS
@@ -83,9 +84,9 @@ def extract(encoder: nn.Module, store: LmdbReader, input_size: int, batch_size: 
 
 
 def build_frozen_encoder(spec: dict, weights: str | None, seed: int, dev: torch.device) -> nn.Module:
-    """Eval-mode encoder without gradients; random init seeded, so every slide's job builds the
-    same one and features of different slides are comparable."""
-    encoder = build_encoder(spec, weights, seed=seed).to(dev).eval().requires_grad_(False)
+    """Eval-mode encoder without gradients; random init seeded (`seeds.encoder`), so every slide's job
+    builds the same one and features of different slides are comparable."""
+    encoder = build_encoder(spec, weights, seed=seeds.encoder(seed)).to(dev).eval().requires_grad_(False)
     if dev.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     return encoder

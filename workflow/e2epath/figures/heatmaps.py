@@ -25,6 +25,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from e2epath.core import seeds
 from e2epath.core.layout import Run
 from e2epath.figures.common import FigureSkipped
 from e2epath.slide.reader import SlideError, open_slide, read_at_mpp
@@ -293,7 +294,7 @@ def _plot_attention(stack: ExitStack, runs: list[Run], slides: pd.DataFrame, n_s
     if not common:
         raise FigureSkipped("the attention files share no slide")
     thumbs = {}
-    for s in np.random.default_rng(seed).permutation(common):  # seeded choice of the slides shown
+    for s in seeds.figure_rng(seed).permutation(common):  # seeded choice of the slides shown
         p = slide_path(str(s), slides)
         if p is None:
             continue

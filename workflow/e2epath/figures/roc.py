@@ -19,7 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from e2epath.core.metrics import prepare, weighted_auc
+from e2epath.core.metrics import weighted_auc
+from e2epath.core.predictions import prepare
 from e2epath.core.vocabulary import FAMILY_LABELS
 from e2epath.evaluate.bootstrap import resample_indices
 from e2epath.figures.common import FAMILY_STYLE, FigureSkipped, method_colors, ordered
@@ -31,7 +32,7 @@ FPR_GRID = np.linspace(0.0, 1.0, 101)
 
 def encode(df: pd.DataFrame, task_type: str, name: str) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
     """(classes, labels as class indices, probabilities cases × classes, test fold of each case) of
-    pooled predictions with a ``fold`` column, read as the evaluation reads them (`metrics.prepare`)."""
+    pooled predictions with a ``fold`` column, read as the evaluation reads them (`predictions.prepare`)."""
     try:
         cases = prepare(task_type, df, strata="fold")
     except ValueError as err:

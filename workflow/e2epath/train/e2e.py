@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from e2epath.core import seeds
 from e2epath.data.bags import (
     Bag,
     MultiScaleBagDataset,
@@ -153,7 +154,7 @@ class EndToEnd(training.Family):
     def build(self, task, dev):
         spec = self.spec
         enc = spec.get("encoder_spec") or spec["encoder"]  # the preset as the config changes it
-        encoder = build_encoder(enc, spec["weights"], seed=self.job.seed)  # the same in every fold
+        encoder = build_encoder(enc, spec["weights"], seed=seeds.encoder(self.job.seed))  # the same in every fold
         encoder.set_trainable_blocks(spec.get("trainable_blocks"))
         if spec.get("grad_checkpointing"):
             encoder.set_grad_checkpointing(True)

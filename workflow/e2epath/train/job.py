@@ -9,8 +9,8 @@ once, and write the run's files (`e2epath.layout`). What differs — the inputs,
 batch is drawn and how a full bag is predicted — is a :class:`Family`. Splits are by case: every
 slide of a case is in the case's subset.
 
-Seeds: everything random in a job derives from ``TrainingJob.fold_seed`` = seed · 1000 + fold,
-and epoch e's bag order from ``TrainingJob.epoch_rng(e)``.
+Seeds (`e2epath.core.seeds`): everything random in a job derives from ``TrainingJob.fold_seed``
+(`seeds.job`), epoch e's bag order from ``TrainingJob.epoch_rng(e)``.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from e2epath.core import seeds
 from e2epath.core.devices import torch_device
 from e2epath.core.io import atomic_path
 from e2epath.core.layout import CHECKPOINT, RUN_FILES, Run
@@ -74,11 +75,11 @@ class TrainingJob:
     @property
     def fold_seed(self) -> int:
         """The seed of everything random in this job (the one seed formula)."""
-        return self.seed * 1000 + self.fold
+        return seeds.job(self.seed, self.fold)
 
     def epoch_rng(self, epoch: int) -> np.random.Generator:
         """The generator of epoch ``epoch``'s bag order."""
-        return np.random.default_rng([self.fold_seed, epoch])
+        return seeds.epoch_rng(self.fold_seed, epoch)
 
     @property
     def run(self) -> Run:

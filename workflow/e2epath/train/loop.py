@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from e2epath.core.devices import torch_device
 from e2epath.core.io import atomic_path
-from e2epath.core.metrics import task_metrics
+from e2epath.core.predictions import task_metrics
 from e2epath.train.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,12 @@ class WeightAverage:
         torch._foreach_lerp_(ema, new, 1.0 - self.momentum)
 
 
-# The optimisers a method may name (the config schema's `optimizer` enum; tests/test_architecture.py).
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+# The optimiser class of each name a method may give (e2epath.core.vocabulary.OPTIMIZERS).
+OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def build_optimizer(params, spec: dict) -> torch.optim.Optimizer:
-    return OPTIMIZERS[spec["optimizer"]](params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+    return OPTIMIZER_CLASSES[spec["optimizer"]](params, lr=spec["lr"], weight_decay=spec["weight_decay"])
 
 
 class Checkpoint:

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from e2epath.core.metrics import class_order
+from e2epath.core.predictions import class_order
 
 
 class Task:

@@ -1,0 +1,132 @@
+"""The config schema (`workflow/schemas/config.schema.yaml`): the one owner of config defaults and of
+the values a setting may take.
+
+The workflow validates its config with `validate` (which fills the defaults in, as Snakemake's own
+`validate` does); `load_config` reads a config file the same way for the user commands (`check`,
+`methods`, `encoders`). A step that may also be run by hand asks the schema for its defaults
+(`default`) and checks its command-line values against the schema (`arg_type`), so a value the
+config may not hold is refused by the step too.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config the workflow refuses; the message names the key (or file and row) and what to do."""
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema() -> dict[str, Any]:
+    """The schema as a dict (a copy: callers may not change the owner's)."""
+    return copy.deepcopy(_schema())
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if ref:
+        target: Any = _schema()
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+        return target
+    return node
+
+
+def prop(*keys: str) -> dict[str, Any]:
+    """The sub-schema of a config key, e.g. ``prop("preprocess", "patch_size")``; method keys under
+    ``prop("method", key)``."""
+    node: dict[str, Any] = _schema()
+    for i, key in enumerate(keys):
+        if i == 0 and key == "method":
+            node = _schema()["definitions"]["method_spec"]
+            continue
+        node = _resolve(node)
+        try:
+            node = node["properties"][key]
+        except KeyError:
+            raise KeyError(f"the config schema has no key {'.'.join(keys)}") from None
+    return _resolve(node)
+
+
+def default(*keys: str) -> Any:
+    """The schema's default of a config key; KeyError if it has none."""
+    node = prop(*keys)
+    if "default" not in node:
+        raise KeyError(f"config key {'.'.join(keys)} has no default in the schema")
+    return copy.deepcopy(node["default"])
+
+
+def enum(*keys: str) -> tuple:
+    """The values a config key may take (its schema enum)."""
+    return tuple(prop(*keys)["enum"])
+
+
+def arg_type(*keys: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for a command-line flag that carries config key ``keys``: the text is
+    converted to the key's type and checked against its schema (range, enum), so a step refuses
+    what the config may not hold, with the key's name in the message."""
+    import jsonschema
+
+    node = prop(*keys)
+    kinds = node.get("type", "string")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    name = ".".join(keys)
+
+    def convert(text: str) -> Any:
+        value: Any = text
+        if "integer" in kinds:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ({name})") from None
+        elif "number" in kinds:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number ({name})") from None
+        try:
+            jsonschema.validate(value, node)
+        except jsonschema.ValidationError as err:
+            raise argparse.ArgumentTypeError(f"{text}: config {name} {err.message}") from None
+        return value
+
+    convert.__name__ = name  # argparse names the type in its messages
+    return convert
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` against the schema and fill its defaults in (in place, and returned);
+    the error is Snakemake's (a WorkflowError naming the key), as the workflow shows it."""
+    from snakemake.utils import validate as snakemake_validate
+
+    snakemake_validate(config, str(SCHEMA_PATH))
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A config file validated against the schema, defaults filled in: what the workflow sees."""
+    import yaml
+
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys (config/README.md)")
+    try:
+        return validate(config)
+    except Exception as err:  # noqa: BLE001 - snakemake's WorkflowError: the same words as the workflow's
+        raise ConfigError(str(err)) from err
