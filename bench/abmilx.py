@@ -46,6 +46,7 @@ def naive_propagate(q, k, value, mask=None, chunk_size=0):
 def build(name: str, in_dim: int = IN_DIM):
     """ABMILX / ABMIL with the benchmark's sizes; "naive" is ABMILX with the published product."""
     import torch
+
     from e2epath.models import abmilx, build_aggregator
     torch.manual_seed(0)
     if name == "naive":
@@ -76,6 +77,7 @@ def train_worker(patches: int, size: int, pairs: int = 3) -> dict:
     import copy
 
     import torch
+
     from e2epath.models import build_encoder
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", None).train()  # BatchNorm in train mode, as in E2E training

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+
 from e2epath.sources import demo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,6 +37,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would interleave wit
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from e2epath.data.transforms import model_inputs  # noqa: E402
 from e2epath.features import extraction as features  # noqa: E402
 from e2epath.models.presets import encoder_spec  # noqa: E402

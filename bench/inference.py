@@ -37,11 +37,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from e2epath.core.devices import torch_device  # noqa: E402
 from e2epath.data.bags import Bag  # noqa: E402
 from e2epath.data.transforms import model_inputs  # noqa: E402
 from e2epath.models import build_aggregator  # noqa: E402
-from e2epath.models.encoders import make_encoder  # noqa: E402
+from e2epath.models.encoders import make_encoder
 from e2epath.models.presets import encoder_spec  # noqa: E402
 from e2epath.train.e2e import E2EModel, decode_threads_for, predict_bag  # noqa: E402
 

@@ -11,10 +11,11 @@ import time
 
 import numpy as np
 import pandas as pd
-from e2epath.evaluate import bootstrap as bs
-from e2epath.evaluate import metrics as m
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
+
+from e2epath.evaluate import bootstrap as bs
+from e2epath.evaluate import metrics as m
 
 
 def _timed(fn):

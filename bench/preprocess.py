@@ -24,6 +24,7 @@ from unittest import mock
 import cv2
 import lmdb
 import numpy as np
+
 from e2epath.preprocess import patching, qc, tissue
 from e2epath.preprocess.store import LmdbWriter, encode_jpeg
 from e2epath.slide import reader as sl

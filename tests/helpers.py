@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 import yaml
+
 from e2epath.core.io import write_json
 from e2epath.core.layout import RUN_DIR, Run
 from e2epath.preprocess.store import LmdbWriter, encode_jpeg, write_empty_store

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from e2epath import models
 from e2epath.__main__ import STEPS
 from e2epath.core import layout, predictions, vocabulary
 from e2epath.models import presets
-from e2epath.models.encoders import ARCHITECTURES
+from e2epath.models.weights import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
 from e2epath.train.loop import OPTIMIZER_CLASSES
 from helpers import PACKAGE_DIR, ROOT, imported_names, module_path

@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+
 from e2epath.sources.importers import cli
 from e2epath.sources.sheets import load_labels, load_samples
 from helpers import ROOT

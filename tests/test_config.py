@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2epath.sources import sheets
-from helpers import ROOT, write_sheet_cohort
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from e2epath.sources import sheets
+from helpers import ROOT, write_sheet_cohort
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -41,8 +42,7 @@ def test_valid_cohort_dry_run_lists_jobs(tmp_path):
     # no validation subset: model selection would have nothing but the test split to look at
     (lambda c: c.update(splits={"mode": "kfold", "k": 3, "val_fraction": 0}), "val_fraction"),
     (lambda c: c.update(splits={"mode": "holdout", "holdout": [0.8, 0.0, 0.2]}), "holdout"),
-    (lambda c: c.update(e2e={"methods": {"m": {"encoder": "resnet18", "aggregator": "abmilx", "weights": "auto"}}}),
-     "auto"),
+    (lambda c: c.update(twostage={"encoder": "resnet50"}), "encoder"),
     (lambda c: c["tasks"]["subtype"].update(bag="patient"), "patient"),
 ])
 def test_bad_config_keys_fail_validation(tmp_path, mutate, expected):

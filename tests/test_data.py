@@ -8,6 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from e2epath.data.bags import (
     Bag,
     MultiScaleBagDataset,
@@ -28,7 +30,6 @@ from e2epath.data.transforms import (
 )
 from e2epath.preprocess.store import LmdbReader, LmdbWriter
 from helpers import write_store, write_store_cohort
-from torch.utils.data import DataLoader
 
 PATCH = 32
 

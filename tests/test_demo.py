@@ -9,6 +9,7 @@ import numpy as np
 import openslide
 import pandas as pd
 import pytest
+
 from e2epath.core.vocabulary import ID_RE
 from e2epath.sources import demo, sheets
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from e2epath.core.devices import candidate_devices, claim_gpu
 
 ROOT = Path(__file__).resolve().parents[1]

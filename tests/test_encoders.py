@@ -14,19 +14,15 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from e2epath.models import presets
-from e2epath.models.encoders import (
-    ResNetTrunk,
-    TimmEncoder,
-    build_encoder,
-    hub_file,
-    load_checkpoint,
-    weights_record,
-)
+from e2epath.models.checkpoints import load_checkpoint
+from e2epath.models.encoders import ResNetTrunk, TimmEncoder
 from e2epath.models.presets import EncoderError, encoder_spec, resolve_encoders
+from e2epath.models.weights import build_encoder, hub_file, weights_record
 from e2epath.train import recipe as methods
 from helpers import ROOT
-from safetensors.torch import save_file
 
 # Embedding widths as the model cards document them (not read from e2epath.presets).
 DOCUMENTED_DIM = {"resnet18": 256, "resnet50": 1024, "uni": 1024, "uni2": 1536, "virchow2": 2560,
@@ -160,7 +156,7 @@ def test_hub_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
                                rtol=0, atol=0)
     assert hub_file(spec["weights"]).parent.parent.name == "snapshots"
     # the record job hashes the cached file; the record is what jobs write into their outputs
-    from e2epath.models.encoders import cli_weights
+    from e2epath.models.weights import cli_weights
 
     record = tmp_path / "uni.json"
     assert cli_weights(["--encoder", "uni", "--arch", spec["arch"], "--weights", spec["weights"],
@@ -311,8 +307,6 @@ def test_config_encoders_are_checked_with_the_key_and_the_fix():
         resolve(e2e__methods={"m": {"encoder": "vit", "aggregator": "abmilx"}})
     with pytest.raises(methods.ConfigError, match=r"encoder 'uni' is not in twostage.encoders \['resnet50'\]"):
         resolve(twostage__methods={"m": {"encoder": "uni", "aggregator": "abmil"}})
-    with pytest.raises(methods.ConfigError, match="twostage.encoder is gone"):
-        resolve(twostage__encoder="resnet50")
     with pytest.raises(methods.ConfigError, match="not a preset .* so it needs arch and dim"):
         resolve(encoders={"vit": {"weights": None}})
     with pytest.raises(methods.ConfigError, match="kwargs.mlp_layer 'os.system' is not one of"):

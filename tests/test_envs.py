@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from e2epath.__main__ import STEPS
 from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
 

@@ -9,14 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from e2epath.core import layout
-from e2epath.core import metrics as m
-from e2epath.core import predictions
-from e2epath.core.layout import read_runs
-from e2epath.evaluate import bootstrap as bs
-from e2epath.evaluate import evaluation as ev
-from e2epath.evaluate import tables
-from helpers import write_run
 from lifelines.utils import concordance_index
 from sklearn.metrics import (
     accuracy_score,
@@ -25,6 +17,14 @@ from sklearn.metrics import (
     f1_score,
     roc_auc_score,
 )
+
+from e2epath.core import layout, predictions
+from e2epath.core import metrics as m
+from e2epath.core.layout import read_runs
+from e2epath.evaluate import bootstrap as bs
+from e2epath.evaluate import evaluation as ev
+from e2epath.evaluate import tables
+from helpers import write_run
 
 TIGHT = dict(rtol=0, atol=1e-12)
 

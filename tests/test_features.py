@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import cv2
-import helpers
 import lmdb
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
+
+import helpers
 from e2epath.features import extraction as features
 from e2epath.preprocess.store import LmdbReader, close_all
 from helpers import ROOT

@@ -12,12 +12,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from lifelines.statistics import logrank_test
+from sklearn.metrics import roc_auc_score
+
 from e2epath.core.layout import Run
 from e2epath.figures import cli_cohort, cli_task, heatmaps, roc, survival
 from e2epath.sources.slidewriter import write_generic_tiff
 from helpers import write_run
-from lifelines.statistics import logrank_test
-from sklearn.metrics import roc_auc_score
 
 METHODS = [("e2e", "r18_abmilx"), ("e2e", "r18_abmil"), ("twostage", "ts_abmil")]
 FOLDS = (0, 1)

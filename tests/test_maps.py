@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+
 from e2epath.core.layout import MAPS_INDEX, PREDICT_FILES
 from e2epath.figures import maps
 from e2epath.preprocess import qc as qc_step

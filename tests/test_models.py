@@ -8,14 +8,10 @@ import logging
 import pytest
 import torch
 import torchvision
+
 from e2epath.models import AGGREGATORS, build_aggregator, build_encoder
 from e2epath.models.abmilx import ABMILX, AttentionPlus, propagate_attention
-from e2epath.models.encoders import (
-    cli_weights,
-    fetch_imagenet,
-    imagenet_checkpoint_paths,
-    weights_record,
-)
+from e2epath.models.weights import cli_weights, fetch_imagenet, imagenet_checkpoint_paths, weights_record
 
 IN_DIM, N_CLASSES = 24, 3
 SMALL = {"abmilx": {"inner_dim": 16, "n_heads": 4}, "transmil": {"inner_dim": 16, "n_heads": 4}}
@@ -167,7 +163,7 @@ def test_gradients_reach_the_encoder_end_to_end():
 
 @pytest.mark.parametrize("name,dim", [("resnet18", 256), ("resnet50", 1024)])
 def test_encoder_output_width(name, dim, caplog):
-    with caplog.at_level(logging.WARNING, logger="e2epath.models.encoders"):
+    with caplog.at_level(logging.WARNING, logger="e2epath.models.weights"):
         encoder = build_encoder(name, None).eval()
     assert "random initialisation (weights: null)" in caplog.text
     assert encoder.out_dim == dim
@@ -231,17 +227,12 @@ def test_imagenet_weights_from_hub_cache(tmp_path, monkeypatch):
 
 def test_imagenet_record_job_fails_offline_with_an_empty_cache(tmp_path, monkeypatch, caplog):
     offline(monkeypatch, tmp_path)
-    with caplog.at_level(logging.ERROR, logger="e2epath.models.encoders"):
+    with caplog.at_level(logging.ERROR, logger="e2epath.models.weights"):
         argv = ["--encoder", "resnet50", "--arch", "resnet50", "--weights", "imagenet",
                 "--out", str(tmp_path / "r.json")]
         assert cli_weights(argv) == 1
     assert "resnet50-" in caplog.text and "could not be downloaded" in caplog.text
     assert not (tmp_path / "r.json").exists()
-
-
-def test_auto_is_refused_not_a_silent_random_init():
-    with pytest.raises(ValueError, match="weights: auto is gone"):
-        build_encoder("resnet18", "auto")
 
 
 def test_full_resnet_state_dict_file_loads(tmp_path):

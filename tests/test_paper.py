@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from e2epath.train import recipe as methods
 from helpers import ROOT
 

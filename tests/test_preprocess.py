@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from e2epath.preprocess import patching, qc, store, tissue
 from e2epath.slide import reader as sl
 from e2epath.sources import slidewriter as sw

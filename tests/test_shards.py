@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from e2epath.core.io import read_json
 from e2epath.preprocess import patching, qc, shards, store, tissue
 from e2epath.sources import demo

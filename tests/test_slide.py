@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+
 from e2epath.slide import reader as sl
 from e2epath.sources import slidewriter as sw
 from helpers import corrupt_tile

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers import ROOT, tiny_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]

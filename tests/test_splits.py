@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from e2epath.data.splits import SplitError, cli, make_splits
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+
 from e2epath.slide import reader as sl
 from e2epath.slide import tiles
 from e2epath.sources import slidewriter as sw

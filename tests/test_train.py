@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from e2epath.core.layout import RUN_FILES, Run
 from e2epath.core.metrics import main_metric
 from e2epath.core.predictions import task_metrics

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from e2epath.core.layout import RUN_DIR
 from helpers import ROOT, tiny_config
 
@@ -411,9 +412,10 @@ def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
     method; its features have the preset's width and record the file's hash, as does the table."""
     import hashlib
 
+    from safetensors.torch import save_file
+
     from e2epath.models.encoders import TimmEncoder
     from e2epath.models.presets import encoder_spec
-    from safetensors.torch import save_file
 
     vit = {"arch": "timm:vit_tiny_patch16_224", "dim": 192, "input_size": 32, "embedding": "cls",
            "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "num_classes": 0}}
@@ -454,6 +456,7 @@ def test_predict_on_raw_slides_equals_the_workflows_predictions(run, tmp_path, c
     import cv2
     import numpy as np
     import torch
+
     from e2epath.deploy import predict
 
     qc = pd.read_csv(run / "results/slides.tsv", sep="\t", dtype={"slide_id": str}).set_index("slide_id")

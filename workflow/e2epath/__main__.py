@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 STEPS: dict[str, str] = {
-    "demo": "e2epath.sources.demo:cli",
+    "demo": "e2epath.sources.demo.cohort:cli",
     "check": "e2epath.sources.sheets:cli",
     "qc": "e2epath.preprocess.qc:cli",
     "qc_shard": "e2epath.preprocess.qc:cli_shard",
@@ -26,7 +26,7 @@ STEPS: dict[str, str] = {
     "patch": "e2epath.preprocess.patching:cli",
     "patch_shard": "e2epath.preprocess.patching:cli_shard",
     "manifest": "e2epath.preprocess.patching:cli_manifest",
-    "encoder_weights": "e2epath.models.encoders:cli_weights",
+    "encoder_weights": "e2epath.models.weights:cli_weights",
     "encoders": "e2epath.models.presets:cli",
     "methods": "e2epath.train.recipe:cli",
     "cohort": "e2epath.sources.importers:cli",

@@ -6,6 +6,7 @@ rerun would accept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -137,3 +138,12 @@ def json_rows_to_tsv(paths: list[Path], fields: tuple[str, ...], out: str | Path
         for rec in records:
             writer.writerow([_cell(rec.get(k)) for k in fields])
     return len(records)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

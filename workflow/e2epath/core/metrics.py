@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from e2epath.core.vocabulary import MAIN_METRIC, METRICS, TASK_TYPES
+from e2epath.core.vocabulary import MAIN_METRIC, TASK_TYPES
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from e2epath.core.metrics import (check_task_type, encode, ones, point, weighted_accuracy, weighted_auc_ovr,
-                                  weighted_balanced_accuracy, weighted_c_index, weighted_macro_f1, weighted_qwk)
+from e2epath.core.metrics import (
+    check_task_type,
+    encode,
+    ones,
+    point,
+    weighted_accuracy,
+    weighted_auc_ovr,
+    weighted_balanced_accuracy,
+    weighted_c_index,
+    weighted_macro_f1,
+    weighted_qwk,
+)
 from e2epath.core.vocabulary import METRICS
 
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from e2epath.core.devices import torch_device
-from e2epath.core.io import atomic_path, write_json
+from e2epath.core.io import atomic_path, file_sha256, write_json
 from e2epath.data.bags import load_bags
 from e2epath.features.files import load_feature_bags
 from e2epath.models import build_aggregator
-from e2epath.models.encoders import file_sha256, make_encoder
+from e2epath.models.encoders import make_encoder
 from e2epath.sources.sheets import load_labels
 from e2epath.train.e2e import E2EModel, predict_bag
 from e2epath.train.job import MODEL_FORMAT, split_attention, write_attention

@@ -39,14 +39,13 @@ import torch
 from torch import nn
 
 from e2epath.core.devices import torch_device
-from e2epath.core.io import atomic_path, write_json
+from e2epath.core.io import atomic_path, file_sha256, write_json
 from e2epath.core.layout import PREDICT_FILES
 from e2epath.core.vocabulary import ID_RE
 from e2epath.data.bags import Bag
 from e2epath.deploy.cohort import ModelFileError, read_model, rebuild
 from e2epath.figures.heatmaps import tissue_rings
 from e2epath.figures.maps import measurements, patch_side_l0, write_slide_maps
-from e2epath.models.encoders import file_sha256
 from e2epath.preprocess.patching import PatchParams, patch_to_files
 from e2epath.preprocess.qc import slide_qc
 from e2epath.preprocess.store import LmdbReader, close_all

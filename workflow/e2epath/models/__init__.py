@@ -16,9 +16,10 @@ from torch import nn
 from e2epath.models.abmil import ABMIL
 from e2epath.models.abmilx import ABMILX
 from e2epath.models.dsmil import DSMIL
-from e2epath.models.encoders import ResNetTrunk, build_encoder
+from e2epath.models.encoders import ResNetTrunk
 from e2epath.models.pooling import MeanPooling
 from e2epath.models.transmil import TransMIL
+from e2epath.models.weights import build_encoder
 
 # One entry per name of e2epath.vocabulary.AGGREGATORS (tests/test_architecture.py).
 AGGREGATORS: dict[str, Callable[..., nn.Module]] = {

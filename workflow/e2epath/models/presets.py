@@ -210,9 +210,6 @@ def check_spec(spec: dict[str, Any]) -> None:
 def check_weights(spec: dict[str, Any], weights: str | None, where: str) -> None:
     """Refuse what would give a foundation model random weights, or torchvision weights to a
     non-ResNet; ``where`` names the config key."""
-    if weights == "auto":
-        raise EncoderError(f"{where}: weights: auto is gone (it fell back to random init without a word); use "
-                           "imagenet, a weights file, or null for random init")
     if weights is None and spec["foundation"]:
         raise EncoderError(f"{where}: {spec['name']} is a foundation model: it is only meaningful with its weights; "
                            f"give weights: <file> or a hf:<org>/<repo>/<file> id (get them from {spec['source']})")

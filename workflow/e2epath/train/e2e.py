@@ -26,7 +26,7 @@ from e2epath.data.bags import (
 from e2epath.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from e2epath.data.transforms import model_inputs, resized_crops
 from e2epath.models import build_aggregator, build_encoder
-from e2epath.models.encoders import weights_record
+from e2epath.models.weights import weights_record
 from e2epath.train import job as training
 from e2epath.train.tasks import Task
 

@@ -155,12 +155,6 @@ def declared_methods(config: dict) -> dict[str, dict[str, Any]]:
     """Every method of the config — its own keys on top of its family's defaults — the sweeps'
     generated ones included, by name, with `family` and `name` set (task-independent)."""
     methods: dict[str, dict[str, Any]] = {}
-    gone = {"encoder": "encoders: [NAME]", "weights": "encoders.<NAME>.weights (the config's encoders section)",
-            "input_size": "encoders.<NAME>.input_size"}
-    for key, instead in gone.items():
-        if key in config["twostage"]:
-            raise ConfigError(f"config twostage.{key} is gone: features come from every encoder of twostage.encoders; "
-                              f"use {instead}")
     for family in FAMILIES:
         section = config[family]
         for name, own in section["methods"].items():
