@@ -15,14 +15,15 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/sources.smk"
 include: "workflow/rules/preprocess.smk"
-include: "workflow/rules/weights.smk"
-include: "workflow/rules/splits.smk"
-include: "workflow/rules/e2e.smk"
-include: "workflow/rules/twostage.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
-include: "workflow/rules/external.smk"
+include: "workflow/rules/deploy.smk"
 
 
 rule all:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import cv2
@@ -22,6 +23,10 @@ from e2epath.sources import slidewriter as sw
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "workflow" / "e2epath"
 TINY_CONFIG = Path(__file__).resolve().parent / "tiny.yaml"  # also used by .ci/run
+# The rules that compute on a GPU, written out here (not read from the workflow): a rule that starts
+# or stops asking for one must be added or removed here and in the SLURM profile.
+GPU_RULES = {"extract_features", "extract_features_shard", "cohort_extract_features", "cohort_extract_features_shard",
+             "train_e2e", "train_twostage", "predict_cohort"}
 
 
 def tiny_config() -> dict:
@@ -211,3 +216,38 @@ def imported_names(path: Path, module: str | None) -> set[str]:
             names.add(base)
             names |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import submodule`
     return names
+
+
+# ------------------------------------------------------------------ the workflow, parsed
+
+def load_workflow(stack: ExitStack, **config):
+    """The workflow parsed in-process by Snakemake's API (the demo config, with ``config`` on top)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+    )
+
+    api = stack.enter_context(SnakemakeApi(OutputSettings(quiet=None)))
+    wapi = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),
+                        storage_settings=StorageSettings(), snakefile=ROOT / "Snakefile", workdir=ROOT)
+    return wapi._workflow
+
+
+@contextmanager
+def parsed_workflows(gpus: int | None = None):
+    """The workflow parsed with the demo config: one job per slide, and with shards (every rule);
+    with ``gpus``, as a host with that many GPUs parses it (the GPU rules ask for one)."""
+    import os
+
+    saved = {k: os.environ.pop(k, None) for k in ("E2EPATH_GPU_COUNT", "CUDA_VISIBLE_DEVICES")}
+    if gpus is not None:
+        os.environ["E2EPATH_GPU_COUNT"] = str(gpus)
+    try:
+        with ExitStack() as stack:
+            yield {"per-slide": load_workflow(stack), "sharded": load_workflow(stack, preprocess={"shards": 3})}
+    finally:
+        os.environ.pop("E2EPATH_GPU_COUNT", None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})

@@ -8,7 +8,6 @@ import argparse
 import ast
 import re
 import subprocess
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from e2epath.models import presets
 from e2epath.models.weights import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
 from e2epath.train.loop import OPTIMIZER_CLASSES
-from helpers import PACKAGE_DIR, ROOT, imported_names, module_path
+from helpers import GPU_RULES, PACKAGE_DIR, ROOT, imported_names, module_path, parsed_workflows
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -187,26 +186,10 @@ def test_only_the_layout_knows_where_results_go():
 # ------------------------------------------------------------------ the workflow's rules
 
 
-def load_workflow(stack: ExitStack, **config):
-    """The workflow parsed in-process by Snakemake's API (the demo config, with ``config`` on top)."""
-    from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import (
-        ConfigSettings,
-        OutputSettings,
-        ResourceSettings,
-        StorageSettings,
-    )
-
-    api = stack.enter_context(SnakemakeApi(OutputSettings(quiet=None)))
-    wapi = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(config=config),
-                        storage_settings=StorageSettings(), snakefile=ROOT / "Snakefile", workdir=ROOT)
-    return wapi._workflow
-
-
 @pytest.fixture(scope="module")
 def workflows():
-    with ExitStack() as stack:
-        yield {"per-slide": load_workflow(stack), "sharded": load_workflow(stack, preprocess={"shards": 3})}
+    with parsed_workflows() as found:
+        yield found
 
 
 def test_wildcard_constraints_are_the_package_constants(workflows):
@@ -262,7 +245,7 @@ def step_parser(step: str, monkeypatch) -> argparse.ArgumentParser:
 
 # Flags a rule passes only sometimes (None is left out, or no weights file for random init):
 # optional on purpose.
-SOMETIMES = {"sheet_mpp", "reference", "allow_upsample", "pretrained", "external"}
+SOMETIMES = {"sheet_mpp", "reference", "allow_upsample", "pretrained", "external", "weights"}
 
 
 def test_what_a_rule_always_passes_its_step_requires(workflows, monkeypatch):
@@ -282,6 +265,24 @@ def test_what_a_rule_always_passes_its_step_requires(workflows, monkeypatch):
                         f"{step} --{name.replace('_', '-')} has a default; rule {rule.name} always passes it"
                     checked += 1
     assert checked > 60
+
+
+def test_the_slurm_profile_gives_every_gpu_rule_a_gpu_and_groups_every_per_slide_rule():
+    """Every rule that asks for a `gpu` on a GPU host gets one (and the GPU partition) from the SLURM
+    profile, whose submit host has none; no other rule does; every per-slide and per-shard rule of
+    every cohort is grouped."""
+    profile = yaml.safe_load((ROOT / "profiles/slurm/profile.yaml").read_text())
+    with parsed_workflows(gpus=1) as workflows:
+        rules = {r.name: r for wf in workflows.values() for r in wf.rules}
+        asking = {name for name, r in rules.items() if "gpu" in r.resources.keys() and r.resources["gpu"]}
+        per_unit = {name for name, r in rules.items() if {"slide", "shard"} & set(r.wildcard_names)
+                    and not name.endswith("extract_features_shard")}  # a shard's features: one GPU job
+    assert asking == GPU_RULES
+    given = {rule for rule, res in profile["set-resources"].items() if res.get("gpu")}
+    assert given == asking, f"the SLURM profile misses {sorted(asking - given)} or has {sorted(given - asking)}"
+    assert all("slurm_partition" in profile["set-resources"][r] for r in asking)
+    assert per_unit and per_unit <= set(profile["groups"]), sorted(per_unit - set(profile["groups"]))
+    assert set(profile["groups"]) <= set(rules)
 
 
 def test_the_slurm_profile_leaves_memory_and_time_to_the_rules():

@@ -186,7 +186,7 @@ def test_pooled_c_index_is_taken_within_test_folds(tmp_path):
     pooled_plain = pd.concat([pd.read_csv(r.path("predictions"), sep="\t") for r in runs if r.method == "good"])
     # cross-fold pairs are all discordant
     assert m.c_index(pooled_plain["time"], pooled_plain["event"], pooled_plain["risk"]) < 0.5
-    metrics, paired = ev.evaluate(runs, "survival", n_boot=50, seed=0, reference="flat")
+    metrics, paired = ev.evaluate(runs, "survival", n_boot=50, seed=0, alpha=0.05, reference="flat")
     pooled = metrics[(metrics["fold"] == "pooled")].set_index("method")["point"]
     assert pooled["good"] == 1.0 and pooled["flat"] == 0.5
     assert np.isclose(paired.set_index("method").loc["good", "diff_point"], 0.5)
@@ -212,7 +212,7 @@ def test_undefined_metrics_are_nan_with_warning(caplog):
         out = predictions.task_metrics("classification", df)
     assert np.isnan(out["auc"]) and not np.isnan(out["accuracy"])
     assert any("auc is undefined" in r.getMessage() for r in caplog.records)
-    iv = bs.bootstrap(predictions.prepare("classification", df), n_boot=20, seed=0)["auc"]
+    iv = bs.bootstrap(predictions.prepare("classification", df), n_boot=20, seed=0, alpha=0.05)["auc"]
     assert iv.n_valid == 0 and np.isnan(iv.mean) and np.isnan(iv.ci_low)
     surv = _surv_df(np.random.default_rng(0), 8).assign(event=0)
     assert np.isnan(predictions.task_metrics("survival", surv)["c_index"])
@@ -262,7 +262,7 @@ def test_vectorised_bootstrap_equals_loop(task_type, df):
     for name in cases.metric_names:
         np.testing.assert_allclose(fast[name], slow[name], rtol=0, atol=1e-12, equal_nan=True, err_msg=name)
     # summary statistics are those of the defined resamples
-    iv = bs.bootstrap(cases, n_boot=50, seed=7)[m.main_metric(task_type)]
+    iv = bs.bootstrap(cases, n_boot=50, seed=7, alpha=0.05)[m.main_metric(task_type)]
     ref = slow[m.main_metric(task_type)]
     ref = ref[~np.isnan(ref)]
     assert iv.n_valid == ref.size and np.isclose(iv.mean, ref.mean(), **TIGHT)
@@ -271,13 +271,13 @@ def test_vectorised_bootstrap_equals_loop(task_type, df):
 
 def test_bootstrap_deterministic_and_interval_contains_point():
     cases = predictions.prepare("survival", _surv_df(np.random.default_rng(0), 200))
-    a = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
-    b = bs.bootstrap(cases, n_boot=200, seed=3)["c_index"]
-    c = bs.bootstrap(cases, n_boot=200, seed=4)["c_index"]
+    a = bs.bootstrap(cases, n_boot=200, seed=3, alpha=0.05)["c_index"]
+    b = bs.bootstrap(cases, n_boot=200, seed=3, alpha=0.05)["c_index"]
+    c = bs.bootstrap(cases, n_boot=200, seed=4, alpha=0.05)["c_index"]
     assert a == b and a.mean != c.mean
     assert a.ci_low < a.point < a.ci_high
     cls = predictions.prepare("classification", _cls_df(np.random.default_rng(0), 200, ["a", "b", "c"]))
-    for iv in bs.bootstrap(cls, n_boot=200, seed=0).values():
+    for iv in bs.bootstrap(cls, n_boot=200, seed=0, alpha=0.05).values():
         assert iv.ci_low <= iv.point <= iv.ci_high
 
 
@@ -289,12 +289,12 @@ def test_pooled_resamples_stay_within_their_folds():
     assert len(np.unique(idx[:, strata == 0])) == 7  # and draws from all of its cases
     df = _surv_df(np.random.default_rng(2), 30).assign(fold=strata)
     pooled = predictions.prepare("survival", df, strata="fold")
-    iv = bs.bootstrap(pooled, n_boot=300, seed=1)["c_index"]
+    iv = bs.bootstrap(pooled, n_boot=300, seed=1, alpha=0.05)["c_index"]
     values = bs.resampled_metrics(pooled, bs.resample_indices(30, 300, seed=1, strata=pooled.strata))["c_index"]
     assert np.isclose(iv.mean, np.nanmean(values), **TIGHT)  # bootstrap() used the within-fold resamples
     moved = predictions.prepare("survival", df.assign(fold=np.roll(strata, 1)), strata="fold")
     with pytest.raises(ValueError, match="different test folds"):
-        bs.paired_bootstrap(pooled, moved, n_boot=10, seed=0)
+        bs.paired_bootstrap(pooled, moved, n_boot=10, seed=0, alpha=0.05)
 
 
 def test_paired_bootstrap():
@@ -304,10 +304,10 @@ def test_paired_bootstrap():
     noise["prob_a"] = rng.uniform(size=len(noise))
     noise["prob_b"] = 1 - noise["prob_a"]
     cg, cn = predictions.prepare("classification", good), predictions.prepare("classification", noise)
-    self_diff = bs.paired_bootstrap(cg, cg, n_boot=100, seed=0)
+    self_diff = bs.paired_bootstrap(cg, cg, n_boot=100, seed=0, alpha=0.05)
     for pv in self_diff.values():
         assert pv.diff_point == 0 and pv.diff_mean == 0 and pv.ci_low == pv.ci_high == 0 and pv.p_value == 1
-    diff = bs.paired_bootstrap(cg, cn, n_boot=200, seed=0)["auc"]
+    diff = bs.paired_bootstrap(cg, cn, n_boot=200, seed=0, alpha=0.05)["auc"]
     y = good["label"] == "b"
     assert np.isclose(diff.diff_point, roc_auc_score(y, good["prob_b"]) - roc_auc_score(y, noise["prob_b"]), **TIGHT)
     assert diff.ci_low > 0 and diff.p_value < 0.05
@@ -320,7 +320,7 @@ def test_paired_bootstrap():
     tails = ((d <= 0).sum() + 1) / 201, ((d >= 0).sum() + 1) / 201
     assert np.isclose(diff.p_value, min(1, 2 * min(tails)), **TIGHT)
     with pytest.raises(ValueError, match="same cases"):
-        bs.paired_bootstrap(cg, predictions.prepare("classification", noise.iloc[:-1]), n_boot=10, seed=0)
+        bs.paired_bootstrap(cg, predictions.prepare("classification", noise.iloc[:-1]), n_boot=10, seed=0, alpha=0.05)
 
 
 # --------------------------------------------------------------------------- command lines
@@ -344,7 +344,7 @@ def test_evaluate_and_tables_cli(tmp_path, caplog):
     task, classes = "brca_subtype", ["IDC", "ILC"]
     paths, full = _write_runs(tmp_path, task, classes)
     out, paired_out = tmp_path / "metrics" / f"{task}.tsv", tmp_path / "metrics" / f"{task}_paired.tsv"
-    argv = ["--task", task, "--task-type", "classification", "--n-boot", "100", "--seed", "0",
+    argv = ["--task", task, "--task-type", "classification", "--n-boot", "100", "--seed", "0", "--alpha", "0.05",
             "--out", str(out), "--paired-out", str(paired_out), "--cohorts", "--runs", *map(str, paths)]
     with caplog.at_level(logging.INFO):
         assert ev.cli(argv) == 0
@@ -452,7 +452,7 @@ def test_slide_and_case_metrics_equal_the_reference_libraries_on_the_same_units(
                 rows.append(row)
         frames.append(pd.DataFrame(rows))
     runs = [write_run(tmp_path, "e2e", "t", task_type, "abx", k, df) for k, df in enumerate(frames)]
-    metrics, _ = ev.evaluate(runs, task_type, n_boot=20, seed=0)
+    metrics, _ = ev.evaluate(runs, task_type, n_boot=20, seed=0, alpha=0.05)
     assert set(metrics["unit"]) == {"slide", "case"} and ev.primary_unit(metrics) == "slide"
     for fold, df in enumerate(frames):
         cases = df.groupby("case_id").agg({c: "first" if c in ("label", "time", "event") else "mean"
@@ -519,7 +519,7 @@ def test_external_cohort_metrics_equal_the_reference_libraries(tmp_path, task_ty
                     f[c] = folds[0][c]
         ext[method] = folds
         records.append(_write_cohort(tmp_path, "cptac", task, task_type, method, family, folds, labels_missing=3))
-    metrics, paired = ev.evaluate(read_runs([r.path("run") for r in runs]), task_type, 50, 0, cohorts=records)
+    metrics, paired = ev.evaluate(read_runs([r.path("run") for r in runs]), task_type, 50, 0, 0.05, cohorts=records)
     assert set(metrics["cohort"]) == {"internal", "cptac"}
     main = "c_index" if task_type == "survival" else "auc"
 

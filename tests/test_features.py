@@ -43,10 +43,10 @@ def write_store(folder: Path, slide: str, mag: int, patches: list[np.ndarray], s
 
 
 def run(rows: list[Path], out: Path, *extra: str, encoder: str = "resnet18", mag: int = 20,
-        weights: str = "None") -> dict:
+        weights: str | None = None) -> dict:
     argv = ["--rows", *map(str, rows), "--out", str(out), "--encoder", encoder, "--magnification", str(mag),
-            "--weights", weights, "--input-size", str(INPUT), "--batch-size", "8", "--seed", "3", "--workers", "2",
-            *extra]
+            *(["--weights", weights] if weights else []), "--input-size", str(INPUT), "--batch-size", "8", "--seed",
+            "3", "--workers", "2", *extra]
     assert features.cli(argv) == 0
     return torch.load(out, map_location="cpu", weights_only=True)
 
@@ -105,7 +105,7 @@ def test_random_init_is_the_same_encoder_in_every_job(tmp_path):
     patches = textured_patches(6, seed=2)
     rows = [write_store(tmp_path, s, 20, patches) for s in ("a", "b")]
     cmd = [sys.executable, "-m", "e2epath", "extract_features", "--rows", str(rows[0]), "--out",
-           str(tmp_path / "a.pt"), "--encoder", "resnet18", "--magnification", "20", "--weights", "None",
+           str(tmp_path / "a.pt"), "--encoder", "resnet18", "--magnification", "20",
            "--input-size", str(INPUT), "--batch-size", "4", "--seed", "3", "--workers", "2"]
     res = subprocess.run(cmd, cwd=ROOT / "workflow", capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
@@ -123,7 +123,7 @@ def test_falls_back_to_the_finest_usable_coarser_magnification(tmp_path, caplog)
     rows = [write_store(tmp_path, "s", 5, textured_patches(3, seed=5)),
             write_store(tmp_path, "s", 10, textured_patches(7, seed=10)),
             write_store(tmp_path, "s", 20, [], status="unavailable", message="finer than the scan")]
-    with caplog.at_level(logging.WARNING, logger="e2epath.features"):
+    with caplog.at_level(logging.WARNING, logger="e2epath.features.extraction"):
         rec = run(rows, tmp_path / "s.pt")
     assert rec["status"] == "ok" and rec["magnification"] == 10
     assert rec["features"].shape == (7, 256)
@@ -137,7 +137,7 @@ def test_a_slide_that_failed_preprocessing_is_skipped_and_left_out_of_training(t
     good = run([write_store(tmp_path, "good", 20, textured_patches(4, seed=0))], tmp_path / "good.pt")
     rows = [write_store(tmp_path, "bad", m, [], status="failed", message="QC failed: not a slide")
             for m in (10, 20)]
-    with caplog.at_level(logging.WARNING, logger="e2epath.features"):
+    with caplog.at_level(logging.WARNING, logger="e2epath.features.extraction"):
         bad = run(rows, tmp_path / "bad.pt")
     assert bad["status"] == "skipped" and bad["slide_id"] == "bad" and len(bad["features"]) == 0
     assert "20x is failed (QC failed: not a slide)" in bad["message"] and "no magnification" in bad["message"]
@@ -147,11 +147,12 @@ def test_a_slide_that_failed_preprocessing_is_skipped_and_left_out_of_training(t
 
     sheet = tmp_path / "slides.tsv"
     pd.DataFrame({"slide_id": ["good", "bad"], "case_id": ["c1", "c2"]}).to_csv(sheet, sep="\t", index=False)
-    bags, units = load_feature_bags(str(sheet), [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")], {"c1", "c2"})
-    assert set(bags) == {"c1"} and bags["c1"][0].shape == good["features"].shape and units == {"c1": "c1"}
-    slides, units = load_feature_bags(str(sheet), [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")], {"c1", "c2"},
-                                      unit="slide")
-    assert set(slides) == {"good"} and units == {"good": "c1"}
+    files = [str(tmp_path / "good.pt"), str(tmp_path / "bad.pt")]
+    bags, encoders = load_feature_bags(str(sheet), files, {"c1", "c2"}, "case")
+    assert set(bags) == {"c1"} and bags["c1"].features.shape == good["features"].shape and bags["c1"].case_id == "c1"
+    assert [s for s, _ in bags["c1"].parts] == ["good"] and len(encoders) == 1
+    slides, _ = load_feature_bags(str(sheet), files, {"c1", "c2"}, "slide")
+    assert set(slides) == {"good"} and slides["good"].case_id == "c1"
 
 
 def test_a_damaged_patch_fails_the_slide_with_its_index(tmp_path):

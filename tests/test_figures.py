@@ -16,7 +16,8 @@ from lifelines.statistics import logrank_test
 from sklearn.metrics import roc_auc_score
 
 from e2epath.core.layout import Run
-from e2epath.figures import cli_cohort, cli_task, heatmaps, roc, survival
+from e2epath.figures import cli_qc, cli_task, heatmaps, roc, survival
+from e2epath.train import attention
 from e2epath.sources.slidewriter import write_generic_tiff
 from helpers import write_run
 
@@ -133,7 +134,7 @@ def _task_fixture(root: Path, task: str, task_type: str, slides: dict | None) ->
 
 def _argv(fx: dict, task: str, task_type: str, slides: dict) -> list[str]:
     return ["--task", task, "--task-type", task_type, "--metrics", str(fx["metrics"]), "--slides",
-            str(slides["table"]), "--out-dir", str(fx["out"]), "--seed", "0", "--n-boot", "50",
+            str(slides["table"]), "--out-dir", str(fx["out"]), "--seed", "0", "--alpha", "0.05", "--n-boot", "50",
             "--runs", *[str(r.path("run")) for r in fx["all"]]]
 
 
@@ -253,7 +254,7 @@ def test_patch_size_is_the_grid_step_of_the_coords(tmp_path):
     coords = np.array([[0, 0], [512, 0], [1024, 512]], np.int32)
     np.savez(tmp_path / "a.npz", s1=np.ones((2, 3), np.float32), s1__coords=coords)
     with np.load(tmp_path / "a.npz") as z:
-        assert heatmaps.slide_ids(z) == ["s1"]
+        assert attention.slide_ids(z) == ["s1"]
         assert heatmaps.read_slide(z, "s1", "a.npz").patch_l0 == 512
 
 
@@ -280,7 +281,7 @@ def test_roc_auc_matches_sklearn_binary_and_multiclass():
     y = rng.integers(0, 3, 90)
     logits = rng.normal(0, 1, (90, 3)) + 1.5 * np.eye(3)[y]
     prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    tpr, lo, hi, auc, ci = roc.roc_band(y, prob, n_boot=40, seed=0)
+    tpr, lo, hi, auc, ci = roc.roc_band(y, prob, n_boot=40, seed=0, alpha=0.05)
     assert auc == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
     assert ci[0] < auc < ci[1]
     assert (lo <= tpr + 1e-9).mean() > 0.9 and (hi >= tpr - 1e-9).mean() > 0.9
@@ -294,7 +295,7 @@ def test_roc_auc_matches_sklearn_binary_and_multiclass():
     prob[45:] *= 0.5
     df = pd.DataFrame({"case_id": [f"c{i}" for i in range(90)], "label": [str(g + 1) for g in y],
                        **{f"prob_{g + 1}": prob[:, g] for g in range(3)}})
-    fig = roc.plot_roc({("e2e", "r18_abmilx"): {0: df.iloc[:45], 1: df.iloc[45:]}}, "grading", n_boot=20)
+    fig = roc.plot_roc({("e2e", "r18_abmilx"): {0: df.iloc[:45], 1: df.iloc[45:]}}, "grading", n_boot=20, seed=0, alpha=0.05)
     (text,) = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     per_class = []
     for g in range(3):
@@ -329,9 +330,9 @@ def test_cohort_figures(tmp_path):
             cv2.imwrite(str(thumbs / f"{s}.png"), cv2.cvtColor(_slide_rgb(i)[::4, ::4], cv2.COLOR_RGB2BGR))
     pd.DataFrame(rows).to_csv(tmp_path / "slides.tsv", sep="\t", index=False)
     pd.DataFrame(man).to_csv(tmp_path / "manifest.tsv", sep="\t", index=False)
-    out = tmp_path / "results" / "figures" / "cohort"
-    assert cli_cohort(["--slides", str(tmp_path / "slides.tsv"), "--manifest", str(tmp_path / "manifest.tsv"),
-                       "--thumbs", *map(str, sorted(thumbs.glob("*.png"))), "--tissue", "--out-dir", str(out)]) == 0
+    out = tmp_path / "results" / "figures" / "qc"
+    assert cli_qc(["--slides", str(tmp_path / "slides.tsv"), "--manifest", str(tmp_path / "manifest.tsv"),
+                       "--thumbs", *map(str, sorted(thumbs.glob("*.png"))), "--out-dir", str(out)]) == 0
     _check_png(out / "qc_montage.png", aspect=1.0)  # 4 slides → 2 × 2 square tiles
     _check_png(out / "patch_counts.png")
     for name in ("qc_montage", "patch_counts"):

@@ -67,7 +67,7 @@ def run_tissue(out: Path, sid: str, preset: str = "resection", tag: str = "") ->
 def patch_args(out: Path, sid: str, mag: int, *extra: str) -> list[str]:
     return ["--qc", str(out / f"slides/{sid}.json"), "--mask", str(out / f"tissue/{sid}.png"),
             "--geojson", str(out / f"tissue/{sid}.geojson"), "--magnification", str(mag), "--patch-size", "256",
-            "--min-tissue", "0.5", "--tolerance", "0.1", "--jpeg-quality", "90", "--threads", "1",
+            "--min-tissue", "0.5", "--mpp-tolerance", "0.1", "--jpeg-quality", "90", "--threads", "1",
             "--lmdb-out", str(out / f"lmdb/{mag}x/{sid}.lmdb"), "--row-out", str(out / f"patches/{mag}x/{sid}.json"),
             *extra]
 

@@ -29,7 +29,7 @@ def slides(tmp_path_factory) -> pd.DataFrame:
 
 def shard_argv(sheet: pd.DataFrame, out: Path) -> dict[str, list[str]]:
     mpps = ["nan" if m != m else str(m) for m in sheet["mpp"]]
-    patch_params = ["--magnification", str(MAG), "--patch-size", "128", "--min-tissue", "0.5", "--tolerance", "0.1",
+    patch_params = ["--magnification", str(MAG), "--patch-size", "128", "--min-tissue", "0.5", "--mpp-tolerance", "0.1",
                     "--jpeg-quality", "90", "--threads", "1"]
     return {
         "qc": ["--path", *sheet["path"], "--slide-id", *sheet["slide_id"], "--case-id", *sheet["case_id"],
@@ -80,7 +80,7 @@ def test_shard_steps_write_what_the_per_slide_steps_write(slides, tmp_path, capl
         assert (per / "m.png").read_bytes() == (tmp_path / f"sh/masks/{s.slide_id}.png").read_bytes()
         assert patching.cli(["--qc", str(per / f"{s.slide_id}.json"), "--mask", str(per / "m.png"),
                              "--geojson", str(per / "c.geojson"), "--magnification", str(MAG), "--patch-size", "128",
-                             "--min-tissue", "0.5", "--tolerance", "0.1", "--jpeg-quality", "90", "--threads", "2",
+                             "--min-tissue", "0.5", "--mpp-tolerance", "0.1", "--jpeg-quality", "90", "--threads", "2",
                              "--lmdb-out", str(per / f"{s.slide_id}.lmdb"),
                              "--row-out", str(per / "row.json")]) == 0
         row = read_json(per / "row.json")

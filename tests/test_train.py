@@ -26,7 +26,9 @@ from e2epath.data.transforms import crop_boxes, resized_crops
 from e2epath.models import build_aggregator, build_encoder
 from e2epath.models.presets import resolve_encoders
 from e2epath.train import e2e, job
-from e2epath.train.e2e import E2EModel, full_bag_predictor, sampled_batches
+from e2epath.models.e2e import E2EModel
+from e2epath.train.e2e import sampled_batches
+from e2epath.train.inference import predict_bag
 from e2epath.train.job import balanced_order
 from e2epath.train.loop import _better
 from e2epath.train.recipe import resolve_method
@@ -77,7 +79,7 @@ def cli_args(cohort: dict, out: Path, spec: dict, task: str = "subtype", fold: i
     return ["--splits", str(cohort[f"splits_{task}"]), "--labels", str(labels), "--slides", str(cohort["slides"]),
             "--task", task, "--fold", str(fold), "--spec", json.dumps(spec), "--seed", "0",
             "--preprocess", json.dumps(PREPROCESS),
-            "--rows", *map(str, cohort["rows"]),
+            "--inputs", *map(str, cohort["rows"]),
             *[x for name, file in RUN_FILES.items() for x in (f"--{name}", str(out / file))]]
 
 
@@ -225,7 +227,8 @@ def test_selection_uses_validation_only(cohort, runs):
     model = E2EModel(encoder, build_aggregator("abmilx", encoder.out_dim, 2))
     model.load_state_dict(saved["model"])
     bags = load_bags(cohort["slides"], cohort["rows"], cohort["cases"])
-    preds, _ = full_bag_predictor(task, bags, runs["spec"], torch.device("cpu"))(model, val)
+    logits = [predict_bag(model, bags[case], runs["spec"], torch.device("cpu"))[0] for case in val]
+    preds = task.predictions(val, torch.cat(logits))
     value = task_metrics("classification", preds)[main_metric("classification")]
     assert value == pytest.approx(history.loc[saved["best_epoch"], "val_metric"], abs=1e-6)
 
@@ -329,8 +332,8 @@ def write_feature_files(cohort: dict, folder: Path, dim: int = 8) -> list[Path]:
 
 def ts_args(cohort: dict, out: Path, spec: dict, features: list[Path]) -> list[str]:
     argv = cli_args(cohort, out, spec)
-    rows = argv.index("--rows")
-    return argv[:rows] + ["--features", *map(str, features)] + argv[rows + 1 + len(cohort["rows"]):]
+    rows = argv.index("--inputs")
+    return argv[:rows] + ["--inputs", *map(str, features)] + argv[rows + 1 + len(cohort["rows"]):]
 
 
 def test_two_stage_runs_through_the_same_skeleton(cohort, tmp_path):
@@ -357,18 +360,17 @@ def test_both_families_draw_each_epoch_with_the_one_seed_formula(cohort, tmp_pat
 
     seen: list[tuple[int, list[int]]] = []
     cls = e2e.EndToEnd if family == "e2e" else twostage.TwoStage
-    real = cls.batches
+    real = cls.training_data
 
     def recording(self, task, train, dev):
-        draw = real(self, task, train, dev)
-        self.strata = task.strata(train)
+        data = real(self, task, train, dev)
 
-        def batches(epoch, order):
+        def draw(epoch, order):
             seen.append((epoch, list(order)))
-            return draw(epoch, order)
-        return batches
+            return data.draw(epoch, order)
+        return job.TrainingData(draw, data.patches_per_bag)
 
-    monkeypatch.setattr(cls, "batches", recording)
+    monkeypatch.setattr(cls, "training_data", recording)
     if family == "e2e":
         spec = spec_for("classification", epochs=2)
         argv = cli_args(cohort, tmp_path, spec, fold=1)

@@ -145,7 +145,7 @@ def test_adding_a_magnification_runs_only_its_jobs(run):
     jobs = planned(run, edited(preprocess__magnifications=[5, 10, 20, 40]))
     assert jobs.pop("patch") == N_SLIDES + len(BAD)
     assert jobs.pop("manifest") == 1
-    assert set(jobs) <= {"figures_cohort"}, jobs  # nothing else: no QC, tissue, features, training
+    assert set(jobs) <= {"figures_qc"}, jobs  # nothing else: no QC, tissue, features, training
 
 
 def test_changing_segmentation_redoes_tissue_and_patches_only_upstream(run):
@@ -168,7 +168,7 @@ def test_changing_the_feature_encoder_reruns_twostage_but_not_e2e(run):
     config["encoders"]["resnet50"] = {"weights": None, "input_size": 32}
     jobs = planned(run, config)
     assert jobs.pop("extract_features") == N_SLIDES + len(BAD)
-    assert jobs.pop("train_mil") == 2 * FOLDS
+    assert jobs.pop("train_twostage") == 2 * FOLDS
     assert "train_e2e" not in jobs and "patch" not in jobs
     # one setting of the encoder's preset (its normalisation) redoes its features, nothing upstream
     config = edited()
@@ -243,7 +243,7 @@ def gpu_requests(run: Path, gpus: str) -> dict[str, set[int]]:
 def test_gpu_rules_ask_for_a_gpu_only_where_there_is_one(run, gpus):
     """On a CPU-only host `--resources gpu=1` must not make CPU training run one job at a time."""
     requests = gpu_requests(run, gpus)
-    gpu_rules = {"train_e2e", "extract_features", "train_mil"}
+    gpu_rules = {"train_e2e", "extract_features", "train_twostage"}
     assert gpu_rules <= set(requests)
     for rule, values in requests.items():
         assert values == ({1} if rule in gpu_rules and gpus != "0" else {0}), (rule, values)
@@ -308,7 +308,7 @@ def test_sharded_run_gives_the_per_slide_results(run, sharded):
     for rel in predictions:  # same bags in the same order: the same models
         pd.testing.assert_frame_equal(pd.read_csv(run / rel, sep="\t"), pd.read_csv(sharded / rel, sep="\t"),
                                       rtol=1e-4, obj=str(rel))
-    assert (sharded / "results/figures/cohort/qc_montage.png").is_file()
+    assert (sharded / "results/figures/qc/qc_montage.png").is_file()
 
 
 def test_sharded_second_run_does_nothing(sharded):
@@ -318,7 +318,7 @@ def test_sharded_second_run_does_nothing(sharded):
 def test_sharded_changes_rerun_shards_of_the_steps_they_touch(sharded):
     jobs = planned(sharded, edited(preprocess__shards=3, preprocess__magnifications=[5, 10, 20, 40]))
     assert jobs.pop("patch_shard") == 3 and jobs.pop("manifest") == 1
-    assert set(jobs) <= {"figures_cohort"}, jobs
+    assert set(jobs) <= {"figures_qc"}, jobs
     jobs = planned(sharded, edited(preprocess__shards=3, preprocess__min_tissue=0.6))
     assert jobs["patch_shard"] == 9 and not {"slide_qc_shard", "tissue_shard"} & set(jobs), jobs
 
@@ -377,7 +377,7 @@ def test_a_two_by_two_sweep_is_four_methods_and_one_new_value_runs_only_its_own(
     names = [f"grid.dropout-{d}.epochs-{e}" for d in ("0.0", "0.25") for e in (1, 2)]
     jobs = planned(run, config)
     assert jobs["train_e2e"] == 4 * 2 * FOLDS  # four new methods, both tasks, every fold; nothing else trains
-    assert "train_mil" not in jobs and "patch" not in jobs
+    assert "train_twostage" not in jobs and "patch" not in jobs
     with left_as_found(run, tmp_path):
         targets = [RUN_DIR.format(family="e2e", task=task, method=name, fold=k) + "/run.json"
                    for name in names for task in TINY["tasks"] for k in range(FOLDS)]
@@ -427,7 +427,7 @@ def test_a_second_encoder_runs_only_its_features_and_methods(run, tmp_path):
     config["twostage"]["methods"]["ts_vit_abmil"] = {"encoder": "vit_tiny", "aggregator": "abmil"}
     jobs = planned(run, config)
     assert jobs.pop("extract_features") == N_SLIDES + len(BAD)  # the ViT's; the ResNet's are done
-    assert jobs.pop("train_mil") == 2 * FOLDS  # ts_vit_abmil only, both tasks
+    assert jobs.pop("train_twostage") == 2 * FOLDS  # ts_vit_abmil only, both tasks
     assert jobs.pop("maps") == 2  # its attention maps, both tasks
     assert set(jobs) <= {"evaluate", "tables", "figures_task"}, jobs
     with left_as_found(run, tmp_path / "saved"):
@@ -561,7 +561,7 @@ def test_the_readme_predict_command_runs_on_a_raw_demo_slide(run):
 # ---------------------------------------------------------------- external cohorts
 
 COHORT_JOBS = {"cohort_slide_qc", "cohort_tissue", "cohort_patch", "cohort_qc_table", "cohort_manifest",
-               "cohort_extract_features", "predict_cohort", "cohort_maps", "figures_external"}
+               "cohort_extract_features", "predict_cohort", "cohort_maps", "cohort_figures_qc"}
 
 
 def write_cohorts(run: Path) -> dict:
@@ -644,7 +644,7 @@ def test_external_cohorts_are_prepared_predicted_and_scored_alone(run, tmp_path)
         gj = json.loads((run / "results/cohorts/ext/maps/subtype/r18_abmilx/EXT-S001.attention.geojson").read_text())
         names = set(gj["features"][0]["properties"]["measurements"])
         assert "attention mean" in names and {f"attention model {k + 1} head 1" for k in range(FOLDS)} <= names
-        assert (run / "results/cohorts/ext/figures/cohort").is_dir()
+        assert (run / "results/cohorts/ext/figures/qc").is_dir()
         res = snakemake(run, config, "--report", str(run / "results/report.html"))
         assert res.returncode == 0, res.stderr[-3000:]
         assert "External cohorts" in (run / "results/report.html").read_text(errors="replace")

@@ -1,5 +1,5 @@
 """`python -m e2epath <step> ...` — one sub-command per rule, and the user's tools (`check` a
-sheet, print the resolved `methods` and the `encoders`, write a `cohort`'s sheet and labels).
+config, print the resolved `methods` and the `encoders`, `import` a public cohort's sheet and labels).
 
 Each step lives in one module as `cli(argv) -> int`; modules are imported lazily so a step
 that reads a TSV does not pay for importing torch.
@@ -17,7 +17,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 STEPS: dict[str, str] = {
     "demo": "e2epath.sources.demo.cohort:cli",
-    "check": "e2epath.sources.sheets:cli",
+    "check": "e2epath.config.cli:check",
     "qc": "e2epath.preprocess.qc:cli",
     "qc_shard": "e2epath.preprocess.qc:cli_shard",
     "qc_table": "e2epath.preprocess.qc:cli_table",
@@ -28,17 +28,17 @@ STEPS: dict[str, str] = {
     "manifest": "e2epath.preprocess.patching:cli_manifest",
     "encoder_weights": "e2epath.models.weights:cli_weights",
     "encoders": "e2epath.models.presets:cli",
-    "methods": "e2epath.train.recipe:cli",
-    "cohort": "e2epath.sources.importers:cli",
+    "methods": "e2epath.config.cli:methods",
+    "import": "e2epath.sources.importers:cli",
     "splits": "e2epath.data.splits:cli",
     "train_e2e": "e2epath.train.e2e:cli",
     "extract_features": "e2epath.features.extraction:cli",
     "extract_features_shard": "e2epath.features.extraction:cli_shard",
-    "train_mil": "e2epath.train.twostage:cli",
+    "train_twostage": "e2epath.train.twostage:cli",
     "evaluate": "e2epath.evaluate.evaluation:cli",
     "tables": "e2epath.evaluate.tables:cli",
     "figures_task": "e2epath.figures:cli_task",
-    "figures_cohort": "e2epath.figures:cli_cohort",
+    "figures_qc": "e2epath.figures:cli_qc",
     "predict_cohort": "e2epath.deploy.cohort:cli",
     "slide_maps": "e2epath.figures.maps:cli",
     "predict": "e2epath.deploy.predict:cli",

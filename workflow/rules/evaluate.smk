@@ -1,24 +1,26 @@
-# 1000x bootstrapped metrics per method and fold (and pooled), paired comparisons, tables.
+# 1000x bootstrapped metrics per method and fold (and pooled), external cohorts' ensembles and fold
+# models, paired comparisons, tables.
 
 
 rule evaluate:
     input:
-        runs=lambda w: run_files(w.task, "run"),  # each run says its family, method and fold
-        cohorts=lambda w: cohort_predictions(w.task),  # labelled external cohorts' predictions
+        runs=task_runs,  # each run says its family, method and fold
+        cohorts=cohort_predictions,  # labelled external cohorts' predictions
     output:
         out=layout.METRICS,
         paired_out=layout.PAIRED,
     params:
         step="evaluate",
         task="{task}",
-        task_type=lambda w: TASKS[w.task]["type"],
+        task_type=task_type,
         n_boot=config["evaluate"]["n_boot"],
+        alpha=config["evaluate"]["alpha"],
         seed=config["seed"],
         reference=config["evaluate"]["reference"],
     log:
-        "results/logs/evaluate/{task}.log",
+        layout.log("evaluate/{task}"),
     benchmark:
-        "results/benchmarks/evaluate/{task}.tsv"
+        layout.benchmark("evaluate/{task}")
     conda:
         "../../envs/evaluate.yaml"
     resources:
@@ -31,16 +33,16 @@ rule evaluate:
 rule tables:
     input:
         metrics=layout.METRICS,
-        runs=lambda w: run_files(w.task, "run"),  # which encoder weights each method used
+        runs=task_runs,  # which encoder weights each method used
     output:
         md_out=report(layout.TABLE_MD, caption="../report/table.rst", category="Tables"),
         tex_out=layout.TABLE_TEX,
     params:
         step="tables",
     log:
-        "results/logs/tables/{task}.log",
+        layout.log("tables/{task}"),
     benchmark:
-        "results/benchmarks/tables/{task}.tsv"
+        layout.benchmark("tables/{task}")
     conda:
         "../../envs/evaluate.yaml"
     resources:

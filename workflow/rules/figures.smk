@@ -1,10 +1,11 @@
-# Figures per task (ROC / KM, forest plot, training curves, attention heatmaps) and for the cohort.
+# Figures per task (ROC / KM, forest plot, training curves, attention heatmaps), the QC figures of
+# each cohort, and slide-level attention maps.
 
 
 rule figures_task:
     input:
         metrics=layout.METRICS,
-        runs=lambda w: run_files(w.task, "run"),  # predictions, history, attention: in each run's folder
+        runs=task_runs,  # predictions, history, attention: in each run's folder
         slides=layout.QC_TABLE,
     output:
         out_dir=report(
@@ -17,12 +18,13 @@ rule figures_task:
     params:
         step="figures_task",
         task="{task}",
-        task_type=lambda w: TASKS[w.task]["type"],
+        task_type=task_type,
+        alpha=config["evaluate"]["alpha"],
         seed=config["seed"],
     log:
-        "results/logs/figures/{task}.log",
+        layout.log("figures/{task}"),
     benchmark:
-        "results/benchmarks/figures/{task}.tsv"
+        layout.benchmark("figures/{task}")
     conda:
         "../../envs/evaluate.yaml"
     resources:
@@ -32,25 +34,24 @@ rule figures_task:
         "../scripts/step.py"
 
 
-rule figures_cohort:
+rule figures_qc:
     input:
         slides=layout.QC_TABLE,
         manifest=layout.MANIFEST,
-        thumbs=thumbs(),
-        tissue=tissue_tables(),
+        thumbs=thumbs,  # per slide, or with shards the tissue tables that list them
     output:
         out_dir=report(
-            directory(layout.COHORT_FIGURES),
+            directory(layout.QC_FIGURES),
             patterns=["{name}.png"],
-            caption="../report/figures_cohort.rst",
-            category="Cohort",
+            caption="../report/figures_qc.rst",
+            category="Slide QC",
         ),
     params:
-        step="figures_cohort",
+        step="figures_qc",
     log:
-        "results/logs/figures/cohort.log",
+        layout.log("figures/qc"),
     benchmark:
-        "results/benchmarks/figures/cohort.tsv"
+        layout.benchmark("figures/qc")
     conda:
         "../../envs/evaluate.yaml"
     resources:
@@ -60,24 +61,44 @@ rule figures_cohort:
         "../scripts/step.py"
 
 
+use rule figures_qc as cohort_figures_qc with:
+    input:
+        slides=layout.in_cohort(layout.QC_TABLE),
+        manifest=layout.in_cohort(layout.MANIFEST),
+        thumbs=thumbs,
+    output:
+        out_dir=report(
+            directory(layout.in_cohort(layout.QC_FIGURES)),
+            patterns=["{name}.png"],
+            caption="../report/figures_qc_external.rst",
+            category="External cohorts",
+            subcategory="{cohort}",
+        ),
+    log:
+        layout.log("figures/qc", "{cohort}"),
+    benchmark:
+        layout.benchmark("figures/qc", "{cohort}")
+
+
 # Slide-level attention maps of every test slide of a method (PNG overlay, top/bottom patch montage,
-# QuPath GeoJSON; e2epath.figures.maps), each slide from the fold that tested it.
+# QuPath GeoJSON; e2epath.figures.maps), each slide from the fold that tested it; of an external
+# cohort's slides, the mean over the fold models.
 rule maps:
     input:
-        attention=lambda w: [layout.run_file("attention", FAMILY[w.method], w.task, w.method, k) for k in folds()],
+        attention=method_attention,
         slides=layout.QC_TABLE,
-        rows=lambda w: patch_rows([method_spec(w)["eval_magnification"]]),  # the stores (after the contours)
+        rows=method_rows,  # the stores (after the contours)
     output:
         out_dir=directory(layout.MAPS),
     params:
         step="slide_maps",
-        contours_dir=layout.folder(layout.TISSUE_CONTOURS),
+        contours_dir=of_cohort(layout.folder(layout.TISSUE_CONTOURS)),
         map_mpp=config["maps"]["mpp"],
         top_k=config["maps"]["top_k"],
     log:
-        "results/logs/maps/{task}/{method}.log",
+        layout.log("maps/{task}/{method}"),
     benchmark:
-        "results/benchmarks/maps/{task}/{method}.tsv"
+        layout.benchmark("maps/{task}/{method}")
     conda:
         "../../envs/evaluate.yaml"
     resources:
@@ -85,3 +106,16 @@ rule maps:
         runtime=60,
     script:
         "../scripts/step.py"
+
+
+use rule maps as cohort_maps with:
+    input:
+        attention=method_attention,
+        slides=layout.in_cohort(layout.QC_TABLE),
+        rows=method_rows,
+    output:
+        out_dir=directory(layout.in_cohort(layout.MAPS)),
+    log:
+        layout.log("maps/{task}/{method}", "{cohort}"),
+    benchmark:
+        layout.benchmark("maps/{task}/{method}", "{cohort}")

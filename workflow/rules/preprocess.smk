@@ -1,56 +1,32 @@
 # Slide QC -> tissue segmentation -> patching + LMDB packing per slide x magnification -> manifest.
 # A bad slide never fails a job: every step writes its outputs with a status and a message.
-
-if DEMO:
-
-    rule demo_cohort:
-        output:
-            config["samples"],
-            list(SAMPLES["path"]),
-            expand("{out}/labels/{name}.csv", out=Path(config["samples"]).parent, name=["subtype", "survival"]),
-        params:
-            step="demo",
-            out=lambda w, output: str(Path(output[0]).parent),
-            n_slides=config["demo"]["n_slides"],
-            seed=config["demo"]["seed"],
-            scale=config["demo"]["scale"],
-        log:
-            "results/logs/demo_cohort.log",
-        benchmark:
-            "results/benchmarks/demo_cohort.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        resources:
-            mem_mb=per_attempt(4000),
-            runtime=30,
-        script:
-            "../scripts/step.py"
-
-
 # One job per slide and step (the default), or per shard of slides (preprocess.shards > 0;
-# e2epath.shards): the same steps and per-slide files, a far smaller DAG. The per-slide rules are
-# also the external cohorts' (`use rule ... as cohort_*`: workflow/rules/external.smk).
+# e2epath.preprocess.shards): the same steps and per-slide files, a far smaller DAG. External cohorts
+# run the same rules into results/cohorts/{cohort}/ (`cohort_*`, workflow/rules/external.smk).
+
+
 rule slide_qc:
     input:
-        path=slide_path,
+        path=sheet_value("path"),
     output:
         out=layout.QC_RECORD,
     params:
         step="qc",
         slide_id="{slide}",
-        case_id=case_of,
-        sheet_mpp=sheet_mpp,
+        case_id=sheet_value("case_id"),
+        sheet_mpp=sheet_value("mpp"),
     log:
-        "results/logs/slide_qc/{slide}.log",
+        layout.log("slide_qc/{slide}"),
     benchmark:
-        "results/benchmarks/slide_qc/{slide}.tsv"
+        layout.benchmark("slide_qc/{slide}")
     conda:
         "../../envs/preprocess.yaml"
     resources:
         mem_mb=per_attempt(1000),
-        runtime=MINUTES_PER_SLIDE["slide_qc"],
+        runtime=slide_minutes("slide_qc"),
     script:
         "../scripts/step.py"
+
 
 rule tissue:
     input:
@@ -61,19 +37,19 @@ rule tissue:
         thumb_out=layout.TISSUE_THUMB,
     params:
         step="tissue",
-        preset=config["preprocess"]["tissue"]["preset"],
-        seg_mpp=config["preprocess"]["tissue"]["seg_mpp"],
+        **config["preprocess"]["tissue"],  # the preset, seg_mpp and the settings the config changes
     log:
-        "results/logs/tissue/{slide}.log",
+        layout.log("tissue/{slide}"),
     benchmark:
-        "results/benchmarks/tissue/{slide}.tsv"
+        layout.benchmark("tissue/{slide}")
     conda:
         "../../envs/preprocess.yaml"
     resources:
         mem_mb=per_attempt(4000),
-        runtime=MINUTES_PER_SLIDE["tissue"],
+        runtime=slide_minutes("tissue"),
     script:
         "../scripts/step.py"
+
 
 rule patch:
     input:
@@ -88,76 +64,57 @@ rule patch:
         magnification="{mag}",
         patch_size=config["preprocess"]["patch_size"],
         min_tissue=config["preprocess"]["min_tissue"],
-        tolerance=config["preprocess"]["mpp_tolerance"],
+        mpp_tolerance=config["preprocess"]["mpp_tolerance"],
         allow_upsample=config["preprocess"]["allow_upsample"],
         jpeg_quality=config["preprocess"]["jpeg_quality"],
         threads=lambda w, threads: threads,  # windows decoded in parallel
     log:
-        "results/logs/patch/{mag}x/{slide}.log",
+        layout.log("patch/{mag}x/{slide}"),
     benchmark:
-        "results/benchmarks/patch/{mag}x/{slide}.tsv"
+        layout.benchmark("patch/{mag}x/{slide}")
     conda:
         "../../envs/preprocess.yaml"
     threads: SLIDE_THREADS
     resources:
         mem_mb=per_attempt(4000),
-        runtime=MINUTES_PER_SLIDE["patch"],
+        runtime=slide_minutes("patch"),
     script:
         "../scripts/step.py"
 
 
-if SHARDS:
+if SHARDED:
 
-    rule slide_qc_shard:
-        input:
-            path=shard_column("path"),
+    use rule slide_qc as slide_qc_shard with:
         output:
             out=layout.SHARD_TABLES["qc"],
         params:
             step="qc_shard",
-            slide_id=lambda w: SHARDS[w.shard],
-            case_id=shard_column("case_id"),
-            sheet_mpp=shard_column("mpp", missing="nan"),
-            qc_dir=layout.folder(layout.QC_RECORD),
-            done_dir=layout.SHARD_MARKERS["qc"],
+            slide_id=shard_slides,
+            sheet_mpp=sheet_value("mpp", missing="nan"),
+            qc_dir=of_cohort(layout.folder(layout.QC_RECORD)),
+            done_dir=of_cohort(layout.SHARD_MARKERS["qc"]),
         log:
-            "results/logs/shards/slide_qc/{shard}.log",
+            layout.log("shards/slide_qc/{shard}"),
         benchmark:
-            "results/benchmarks/shards/slide_qc/{shard}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        resources:
-            mem_mb=per_attempt(1000),
-            runtime=shard_runtime("slide_qc"),
-        script:
-            "../scripts/step.py"
+            layout.benchmark("shards/slide_qc/{shard}")
 
-    rule tissue_shard:
+    use rule tissue as tissue_shard with:
         input:
             qc=layout.SHARD_TABLES["qc"],
         output:
             out=layout.SHARD_TABLES["tissue"],
         params:
             step="tissue_shard",
-            preset=config["preprocess"]["tissue"]["preset"],
-            seg_mpp=config["preprocess"]["tissue"]["seg_mpp"],
-            mask_dir=layout.folder(layout.TISSUE_MASK),
-            geojson_dir=layout.folder(layout.TISSUE_CONTOURS),
-            thumb_dir=layout.folder(layout.TISSUE_THUMB),
-            done_dir=layout.SHARD_MARKERS["tissue"],
+            mask_dir=of_cohort(layout.folder(layout.TISSUE_MASK)),
+            geojson_dir=of_cohort(layout.folder(layout.TISSUE_CONTOURS)),
+            thumb_dir=of_cohort(layout.folder(layout.TISSUE_THUMB)),
+            done_dir=of_cohort(layout.SHARD_MARKERS["tissue"]),
         log:
-            "results/logs/shards/tissue/{shard}.log",
+            layout.log("shards/tissue/{shard}"),
         benchmark:
-            "results/benchmarks/shards/tissue/{shard}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        resources:
-            mem_mb=per_attempt(4000),
-            runtime=shard_runtime("tissue"),
-        script:
-            "../scripts/step.py"
+            layout.benchmark("shards/tissue/{shard}")
 
-    rule patch_shard:
+    use rule patch as patch_shard with:
         input:
             qc=layout.SHARD_TABLES["qc"],
             tissue=layout.SHARD_TABLES["tissue"],
@@ -165,41 +122,26 @@ if SHARDS:
             out=layout.SHARD_TABLES["patch"],
         params:
             step="patch_shard",
-            magnification="{mag}",
-            patch_size=config["preprocess"]["patch_size"],
-            min_tissue=config["preprocess"]["min_tissue"],
-            tolerance=config["preprocess"]["mpp_tolerance"],
-            allow_upsample=config["preprocess"]["allow_upsample"],
-            jpeg_quality=config["preprocess"]["jpeg_quality"],
-            threads=lambda w, threads: threads,
-            lmdb_dir=layout.folder(layout.PATCH_STORE),
-            row_dir=layout.folder(layout.PATCH_ROW),
-            done_dir=layout.SHARD_MARKERS["patch"],
+            lmdb_dir=of_cohort(layout.folder(layout.PATCH_STORE)),
+            row_dir=of_cohort(layout.folder(layout.PATCH_ROW)),
+            done_dir=of_cohort(layout.SHARD_MARKERS["patch"]),
         log:
-            "results/logs/shards/patch/{mag}x/{shard}.log",
+            layout.log("shards/patch/{mag}x/{shard}"),
         benchmark:
-            "results/benchmarks/shards/patch/{mag}x/{shard}.tsv"
-        conda:
-            "../../envs/preprocess.yaml"
-        threads: SLIDE_THREADS
-        resources:
-            mem_mb=per_attempt(4000),
-            runtime=shard_runtime("patch"),
-        script:
-            "../scripts/step.py"
+            layout.benchmark("shards/patch/{mag}x/{shard}")
 
 
 rule qc_table:
     input:
-        positional=qc_records(),
+        positional=qc_records,
     output:
         out=layout.QC_TABLE,
     params:
         step="qc_table",
     log:
-        "results/logs/qc_table.log",
+        layout.log("qc_table"),
     benchmark:
-        "results/benchmarks/qc_table.tsv"
+        layout.benchmark("qc_table")
     conda:
         "../../envs/preprocess.yaml"
     resources:
@@ -211,15 +153,15 @@ rule qc_table:
 
 rule manifest:
     input:
-        positional=patch_rows(MAGS),
+        positional=cohort_patch_rows,
     output:
         out=layout.MANIFEST,
     params:
         step="manifest",
     log:
-        "results/logs/manifest.log",
+        layout.log("manifest"),
     benchmark:
-        "results/benchmarks/manifest.tsv"
+        layout.benchmark("manifest")
     conda:
         "../../envs/preprocess.yaml"
     resources:
@@ -233,5 +175,92 @@ rule preprocess:
     input:
         layout.QC_TABLE,
         layout.MANIFEST,
-        thumbs(),
-        tissue_tables(),
+        thumbs,
+
+
+# External cohorts (config `cohorts:`): the same rules and settings into results/cohorts/{cohort}/
+# (e2epath.core.layout.in_cohort), so the training cohort's files and reruns are untouched.
+use rule slide_qc as cohort_slide_qc with:
+    output:
+        out=layout.in_cohort(layout.QC_RECORD),
+    log:
+        layout.log("slide_qc/{slide}", "{cohort}"),
+    benchmark:
+        layout.benchmark("slide_qc/{slide}", "{cohort}")
+
+
+use rule tissue as cohort_tissue with:
+    input:
+        qc=layout.in_cohort(layout.QC_RECORD),
+    output:
+        mask_out=layout.in_cohort(layout.TISSUE_MASK),
+        geojson_out=layout.in_cohort(layout.TISSUE_CONTOURS),
+        thumb_out=layout.in_cohort(layout.TISSUE_THUMB),
+    log:
+        layout.log("tissue/{slide}", "{cohort}"),
+    benchmark:
+        layout.benchmark("tissue/{slide}", "{cohort}")
+
+
+use rule patch as cohort_patch with:
+    input:
+        qc=layout.in_cohort(layout.QC_RECORD),
+        mask=layout.in_cohort(layout.TISSUE_MASK),
+        geojson=layout.in_cohort(layout.TISSUE_CONTOURS),
+    output:
+        lmdb_out=layout.in_cohort(layout.PATCH_STORE),
+        row_out=layout.in_cohort(layout.PATCH_ROW),
+    log:
+        layout.log("patch/{mag}x/{slide}", "{cohort}"),
+    benchmark:
+        layout.benchmark("patch/{mag}x/{slide}", "{cohort}")
+
+
+if SHARDED:
+
+    use rule slide_qc_shard as cohort_slide_qc_shard with:
+        output:
+            out=layout.in_cohort(layout.SHARD_TABLES["qc"]),
+        log:
+            layout.log("shards/slide_qc/{shard}", "{cohort}"),
+        benchmark:
+            layout.benchmark("shards/slide_qc/{shard}", "{cohort}")
+
+    use rule tissue_shard as cohort_tissue_shard with:
+        input:
+            qc=layout.in_cohort(layout.SHARD_TABLES["qc"]),
+        output:
+            out=layout.in_cohort(layout.SHARD_TABLES["tissue"]),
+        log:
+            layout.log("shards/tissue/{shard}", "{cohort}"),
+        benchmark:
+            layout.benchmark("shards/tissue/{shard}", "{cohort}")
+
+    use rule patch_shard as cohort_patch_shard with:
+        input:
+            qc=layout.in_cohort(layout.SHARD_TABLES["qc"]),
+            tissue=layout.in_cohort(layout.SHARD_TABLES["tissue"]),
+        output:
+            out=layout.in_cohort(layout.SHARD_TABLES["patch"]),
+        log:
+            layout.log("shards/patch/{mag}x/{shard}", "{cohort}"),
+        benchmark:
+            layout.benchmark("shards/patch/{mag}x/{shard}", "{cohort}")
+
+
+use rule qc_table as cohort_qc_table with:
+    output:
+        out=layout.in_cohort(layout.QC_TABLE),
+    log:
+        layout.log("qc_table", "{cohort}"),
+    benchmark:
+        layout.benchmark("qc_table", "{cohort}")
+
+
+use rule manifest as cohort_manifest with:
+    output:
+        out=layout.in_cohort(layout.MANIFEST),
+    log:
+        layout.log("manifest", "{cohort}"),
+    benchmark:
+        layout.benchmark("manifest", "{cohort}")

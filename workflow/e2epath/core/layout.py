@@ -67,7 +67,7 @@ PAIRED = "results/metrics/{task}_paired.tsv"
 TABLE_MD = "results/tables/{task}.md"
 TABLE_TEX = "results/tables/{task}.tex"
 TASK_FIGURES = "results/figures/{task}"
-COHORT_FIGURES = "results/figures/cohort"
+QC_FIGURES = "results/figures/qc"  # the slide QC figures of a cohort (montage, patch counts, summary)
 
 # Slide-level attention maps of a method's test slides (every fold's), files per slide as PREDICT_FILES
 MAPS = "results/maps/{task}/{method}"
@@ -114,9 +114,34 @@ CHECKPOINT = "checkpoint.pt"  # in the run folder while training; removed when t
 RUN_FORMAT = 1
 
 
+# ------------------------------------------------------------------ every job's log and benchmark
+LOGS = "results/logs"
+BENCHMARKS = "results/benchmarks"
+
+
+def log(job: str, cohort: str | None = None) -> str:
+    """The log of a job (``job``: a pattern such as ``slide_qc/{slide}``); an external cohort's job's
+    under ``cohorts/{cohort}/``."""
+    return f"{LOGS}/{_job_name(job, cohort)}.log"
+
+
+def benchmark(job: str, cohort: str | None = None) -> str:
+    """The benchmark (time, memory) of a job, named as its log."""
+    return f"{BENCHMARKS}/{_job_name(job, cohort)}.tsv"
+
+
+def _job_name(job: str, cohort: str | None) -> str:
+    return job if cohort is None else f"cohorts/{cohort}/{job}"
+
+
 def folder(pattern: str) -> str:
     """The folder of a per-item pattern: ``results/slides/{slide}.json`` → ``results/slides``."""
     return str(PurePosixPath(pattern).parent)
+
+
+def run_outputs(family: str) -> dict[str, str]:
+    """The files of a training run of ``family`` by name, as patterns (a training rule's outputs)."""
+    return {name: run_file(name, family) for name in RUN_FILES}
 
 
 def run_file(name: str, family: str = "{family}", task: str = "{task}", method: str = "{method}",

@@ -1,11 +1,11 @@
 """The config schema (`workflow/schemas/config.schema.yaml`): the one owner of config defaults and of
 the values a setting may take.
 
-The workflow validates its config with `validate` (which fills the defaults in, as Snakemake's own
-`validate` does); `load_config` reads a config file the same way for the user commands (`check`,
-`methods`, `encoders`). A step that may also be run by hand asks the schema for its defaults
-(`default`) and checks its command-line values against the schema (`arg_type`), so a value the
-config may not hold is refused by the step too.
+The workflow validates its config against it (`e2epath.config.resolve.validate`, Snakemake's own
+validation, which fills the defaults in). A step that may also be run by hand asks the schema for
+its defaults (`default`) and checks its command-line values against it (`arg_type`), so a value the
+config may not hold is refused by the step too. Reading it needs PyYAML and jsonschema, never
+Snakemake: every job's environment has them.
 """
 from __future__ import annotations
 
@@ -104,29 +104,3 @@ def arg_type(*keys: str) -> Callable[[str], Any]:
 
     convert.__name__ = name  # argparse names the type in its messages
     return convert
-
-
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``config`` against the schema and fill its defaults in (in place, and returned);
-    the error is Snakemake's (a WorkflowError naming the key), as the workflow shows it."""
-    from snakemake.utils import validate as snakemake_validate
-
-    snakemake_validate(config, str(SCHEMA_PATH))
-    return config
-
-
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A config file validated against the schema, defaults filled in: what the workflow sees."""
-    import yaml
-
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: a config is a mapping of keys (config/README.md)")
-    try:
-        return validate(config)
-    except Exception as err:  # noqa: BLE001 - snakemake's WorkflowError: the same words as the workflow's
-        raise ConfigError(str(err)) from err

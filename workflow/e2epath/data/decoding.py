@@ -2,6 +2,7 @@
 and `predict` read stores with (training bags decode in DataLoader workers instead)."""
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,3 +57,12 @@ class PatchBatches:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+
+def decode_threads_for(dev: torch.device) -> int:
+    """Threads that decode the next chunks while the encoder runs: 2 beside a GPU; on CPU only the
+    cores torch leaves free (decoding threads next to torch's own on the same cores slow both:
+    bench/inference.py)."""
+    if dev.type == "cuda":
+        return 2
+    return max(0, min(2, len(os.sched_getaffinity(0)) - torch.get_num_threads()))

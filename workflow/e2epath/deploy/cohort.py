@@ -1,4 +1,4 @@
-"""External cohorts: trained models rebuilt from their model files, and the `predict_cohort` step.
+"""External cohorts: the `predict_cohort` step.
 
 `python -m e2epath predict_cohort --task T --cohort C --models M0 M1 ... --slides QC_TABLE
 --inputs ROWS_OR_FEATURES... [--labels TABLE] --predictions P0 P1 ... --attention A0 A1 ...
@@ -17,89 +17,22 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
 
 from e2epath.core.devices import torch_device
-from e2epath.core.io import atomic_path, file_sha256, write_json
+from e2epath.core.io import atomic_path, write_json
 from e2epath.data.bags import load_bags
+from e2epath.deploy.ensemble import check_members, load_members, mean_scores
 from e2epath.features.files import load_feature_bags
-from e2epath.models import build_aggregator
-from e2epath.models.encoders import make_encoder
 from e2epath.sources.sheets import load_labels
-from e2epath.train.e2e import E2EModel, predict_bag
-from e2epath.train.job import MODEL_FORMAT, split_attention, write_attention
+from e2epath.train.attention import split_attention, write_attention
+from e2epath.train.inference import predict_bag
+from e2epath.train.modelfile import ModelFileError
 from e2epath.train.tasks import scores
 
 logger = logging.getLogger(__name__)
-
-# What the fold models of one method must share to predict one cohort as an ensemble.
-SHARED = ("task", "family", "task_type", "bag", "classes", "eval_magnification", "encoder")
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be applied to new slides; the message names it and what to do."""
-
-
-def read_model(path: Path) -> dict[str, Any]:
-    """A model file's record (weights, spec, task, preprocessing); ModelFileError when it cannot be
-    deployed (missing, not a model file, written before format 2)."""
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    try:
-        rec = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - name the file, whatever torch says
-        raise ModelFileError(f"{path}: not a readable e2epath model file ({type(err).__name__}: {err})") from err
-    if not isinstance(rec, dict) or "spec" not in rec or "model" not in rec:
-        raise ModelFileError(f"{path}: not an e2epath model file (results/{{e2e,twostage}}/TASK/METHOD/foldK/model.pt)")
-    if rec.get("format_version", 1) < MODEL_FORMAT or not rec.get("preprocess"):
-        raise ModelFileError(f"{path}: written before e2epath recorded the preprocessing settings in model files "
-                             f"(format {rec.get('format_version', 1)}, need {MODEL_FORMAT}); it cannot prepare new "
-                             "slides as its training slides were. Retrain it with this version: snakemake reruns "
-                             "its training job (the job's parameters changed)")
-    if "encoder_spec" not in rec["spec"]:
-        raise ModelFileError(f"{path}: its spec has no encoder_spec; retrain it with this version")
-    return rec
-
-
-def rebuild(rec: dict[str, Any], path: Path) -> nn.Module:
-    """The trained network of a model file's record: E2E encoder + aggregator, or the two-stage
-    aggregator (its features' encoder is built by whoever extracts the features)."""
-    spec = rec["spec"]
-    kw = spec.get("aggregator_kw", {})
-    if spec["family"] == "e2e":
-        encoder = make_encoder(spec["encoder_spec"])
-        net: nn.Module = E2EModel(encoder, build_aggregator(spec["aggregator"], encoder.out_dim, rec["n_outputs"],
-                                                            **kw))
-    else:
-        net = build_aggregator(spec["aggregator"], rec["in_dim"], rec["n_outputs"], **kw)
-    try:
-        net.load_state_dict(rec["model"], strict=True)
-    except RuntimeError as err:
-        raise ModelFileError(f"{path}: its weights do not fit its own spec ({err}); the file is damaged") from err
-    return net.eval()
-
-
-def shared(rec: dict[str, Any]) -> dict[str, Any]:
-    spec = rec["spec"]
-    return {"task": rec.get("task"), "family": spec["family"], "task_type": spec["task_type"], "bag": spec["bag"],
-            "classes": rec.get("classes"), "eval_magnification": spec["eval_magnification"],
-            "encoder": spec["encoder"]}
-
-
-def check_models(records: list[dict[str, Any]], paths: list[Path], task: str) -> None:
-    """The fold models of one method: one task, one way of predicting, one set of outputs."""
-    first = shared(records[0])
-    if first["task"] != task:
-        raise ModelFileError(f"{paths[0]}: a model of task {first['task']!r}, not {task!r}")
-    for rec, path in zip(records[1:], paths[1:]):
-        differ = [k for k in SHARED if shared(rec)[k] != first[k]]
-        if differ:
-            raise ModelFileError(f"{path} and {paths[0]} differ in {', '.join(differ)}: they are not the fold "
-                                 "models of one method")
 
 
 def label_columns(labels: pd.DataFrame | None, task_type: str, classes: list[str] | None, where: str,
@@ -129,10 +62,15 @@ def predict_cohort(task: str, cohort: str, models: list[Path], slides: Path, inp
         raise ValueError(f"{len(models)} models, {len(predictions)} predictions and {len(attention)} attention "
                          "files: give one of each per fold model")
     dev = dev or torch_device()
-    records = [read_model(p) for p in models]
-    check_models(records, models, task)
-    spec, first = records[0]["spec"], records[0]
-    task_type, unit, classes = spec["task_type"], spec["bag"], first.get("classes")
+    members = load_members(models, dev)
+    if len(members) != len(models):
+        raise ValueError("--models: a model file is given twice")
+    check_members(members, also=("family", "encoder", "bag"))
+    first = members[0]
+    if first.record["task"] != task:
+        raise ModelFileError(f"{first.path}: a model of task {first.record['task']!r}, not {task!r}")
+    spec = first.spec
+    task_type, unit, classes = spec["task_type"], spec["bag"], first.record["classes"]
     label_table = load_labels(labels, task, task_type) if labels else None
     cases = sorted(pd.read_csv(slides, sep="\t", dtype={"slide_id": str, "case_id": str})["case_id"].unique())
     if spec["family"] == "e2e":
@@ -141,52 +79,43 @@ def predict_cohort(task: str, cohort: str, models: list[Path], slides: Path, inp
         for u in [u for u, b in bags.items() if b.n_patches(mag) == 0]:
             logger.warning("%s %s: no patches at %dx — not predicted", unit, u, mag)
             del bags[u]
-        units = {u: b.case_id for u, b in bags.items()}
     else:
-        feats, units = load_feature_bags(slides, inputs, set(cases), unit)
-    unit_ids = sorted(units, key=lambda u: (units[u], u))
-    skipped = sorted(set(cases) - set(units.values()))
+        bags, _ = load_feature_bags(slides, inputs, set(cases), unit)
+    unit_ids = sorted(bags, key=lambda u: (bags[u].case_id, u))
+    skipped = sorted(set(cases) - {b.case_id for b in bags.values()})
     logger.info("cohort %s, task %s, %s/%s: %d %s bags of %d cases (%d cases without usable patches%s), %d fold "
                 "models", cohort, task, spec["family"], spec["name"], len(unit_ids), unit, len(cases), len(skipped),
-                f": {', '.join(skipped)}" if skipped else "", len(models))
+                f": {', '.join(skipped)}" if skipped else "", len(members))
     if not unit_ids:
         raise ValueError(f"cohort {cohort}: no {unit} has usable patches for {spec['name']}; check "
                          f"results/cohorts/{cohort}/slides.tsv and its manifest")
-    case_ids = [units[u] for u in unit_ids]
+    case_ids = [bags[u].case_id for u in unit_ids]
     label_cols = label_columns(label_table, task_type, classes, str(labels), case_ids)
     ids = pd.DataFrame({"case_id": case_ids})
     if unit == "slide":
         ids.insert(0, "slide_id", unit_ids)
     tables = []
-    for rec, path, pred_out, attn_out in zip(records, models, predictions, attention):
-        net = rebuild(rec, path).to(dev)
+    for member, pred_out, attn_out in zip(members, predictions, attention):
         logits, parts = [], []
         for u in unit_ids:
-            with torch.no_grad():
-                if spec["family"] == "e2e":
-                    out, attn, where = predict_bag(net, bags[u], rec["spec"], dev)
-                else:
-                    out, attn = net(feats[u][0][None].to(dev), return_attention=True)
-                    attn, where = attn[0], feats[u][1]
-            logits.append(out.float().cpu())
+            out, attn, where = predict_bag(member.net, bags[u], member.spec, dev)
+            logits.append(out.cpu())
             parts.append((attn, where))
         table = pd.concat([ids, label_cols, scores(task_type, torch.cat(logits), classes)], axis=1)
         with atomic_path(pred_out) as tmp:
             table.to_csv(tmp, sep="\t", index=False)
         write_attention(attn_out, spec["eval_magnification"], split_attention(parts))
         tables.append(table)
-        logger.info("fold %s model %s: %d %ss predicted", rec.get("fold"), path, len(table), unit)
-    score_cols = [c for c in tables[0].columns if c == "risk" or c.startswith("prob_")]
-    mean = sum(t[score_cols].to_numpy(float) for t in tables) / len(tables)
-    ens = pd.concat([ids, label_cols, pd.DataFrame(mean, columns=score_cols)], axis=1)
+        logger.info("fold %s model %s: %d %ss predicted", member.record["fold"], member.path, len(table), unit)
+    ens = pd.concat([ids, label_cols, mean_scores(tables)], axis=1)
     with atomic_path(ensemble) as tmp:
         ens.to_csv(tmp, sep="\t", index=False)
     write_json(record, {
         "cohort": cohort, "task": task, "task_type": task_type, "method": spec["name"], "family": spec["family"],
         "bag": unit, "classes": classes, "labelled": label_table is not None,
         "labels": str(labels) if labels else None, "n_bags": len(unit_ids), "cases_without_patches": skipped,
-        "folds": [r.get("fold") for r in records],
-        "models": [{"path": str(p), "sha256": file_sha256(p), "fold": r.get("fold")} for p, r in zip(models, records)],
+        "folds": [m.record["fold"] for m in members],
+        "models": [{"path": str(m.path), "sha256": m.sha256, "fold": m.record["fold"]} for m in members],
         "predictions": [p.name for p in predictions], "attention": [p.name for p in attention],
         "ensemble": ensemble.name,
     })

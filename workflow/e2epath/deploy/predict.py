@@ -6,12 +6,12 @@ Each slide goes through QC, tissue segmentation and patching (into a temporary s
 settings recorded in the model files (magnification, patch size, mpp tolerance, tissue
 parameters, JPEG quality), then through every given model (the fold models of a method, say) with
 its own input size, normalisation and classes; the prediction is their ensemble (mean class
-probability, mean risk). Per slide, in DIR (names: `e2epath.layout.PREDICT_FILES`):
+probability, mean risk). Per slide, in DIR (names: `e2epath.core.layout.PREDICT_FILES`):
 
 - `{slide}.json`: the summary — status, slide mpp and its source, magnification, patches, the
   ensemble and per-model predictions, the models (path, sha256), and the files below;
 - `{slide}.predictions.tsv`: one row per model and one `ensemble` row (`prob_<class>` or `risk`);
-- `{slide}.attention.png`: the attention map over the slide at `--map-mpp` µm/px (default 8),
+- `{slide}.attention.png`: the attention map over the slide at `--map-mpp` µm/px,
   percentile colour scale within the slide, tissue contours drawn;
 - `{slide}.montage.png`: the `--top-k` most and least attended patches with their level-0 coords;
 - `{slide}.attention.geojson`: the patches as QuPath detections, `measurements` the attention of
@@ -19,17 +19,18 @@ probability, mean risk). Per slide, in DIR (names: `e2epath.layout.PREDICT_FILES
 
 A slide that cannot give the model's magnification (a 20x scan for a 40x model), or that fails
 QC, is refused with the reason in its summary and the log; the others go on, and the command
-exits 1 when any slide was refused. Model files written before e2epath recorded its preprocessing
-(format 1) are refused with what to do. Attention is the mean over heads, then over models.
+exits 1 when any slide was refused. A model file of another format is refused with what to do.
+Attention is the mean over heads, then over models. The defaults of `--map-mpp`, `--top-k` and
+`--batch-size` are the config schema's (`maps.mpp`, `maps.top_k`, `twostage.batch_size`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from e2epath.core import schema
 from e2epath.core.devices import torch_device
-from e2epath.core.io import atomic_path, file_sha256, write_json
+from e2epath.core.io import atomic_path, write_json
 from e2epath.core.layout import PREDICT_FILES
 from e2epath.core.vocabulary import ID_RE
 from e2epath.data.bags import Bag
-from e2epath.deploy.cohort import ModelFileError, read_model, rebuild
+from e2epath.data.decoding import decode_threads_for
+from e2epath.deploy.ensemble import Member, check_members, load_members, mean_scores
+from e2epath.features.extraction import build_frozen_encoder, extract
+from e2epath.features.files import FeatureBag
 from e2epath.figures.heatmaps import tissue_rings
 from e2epath.figures.maps import measurements, patch_side_l0, write_slide_maps
 from e2epath.preprocess.patching import PatchParams, patch_to_files
@@ -51,62 +56,30 @@ from e2epath.preprocess.qc import slide_qc
 from e2epath.preprocess.store import LmdbReader, close_all
 from e2epath.preprocess.tissue import run as segment_tissue
 from e2epath.preprocess.tissue import tissue_params
-from e2epath.train.e2e import predict_bag
+from e2epath.train.inference import predict_bag
+from e2epath.train.modelfile import ModelFileError
 from e2epath.train.tasks import scores
 
 logger = logging.getLogger(__name__)
 
-# What must agree between the models of one ensemble (they predict one slide from one store).
-SHARED = ("task_type", "classes", "eval_magnification", "preprocess")
 
+class FeatureEncoders:
+    """The frozen feature encoders of two-stage models, built once per encoder as their feature jobs
+    built them (weights policy, seeded initialisation)."""
 
-@dataclass
-class Deployed:
-    """A trained model, rebuilt from its model file, ready to predict."""
+    def __init__(self) -> None:
+        self.built: dict[str, nn.Module] = {}
 
-    path: Path
-    sha256: str
-    record: dict[str, Any]
-    net: nn.Module
-    feature_encoder: nn.Module | None  # two-stage: the frozen encoder of its features
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.record["spec"]
-
-    def shared(self) -> dict[str, Any]:
-        spec = self.spec
-        return {"task_type": spec["task_type"], "classes": self.record.get("classes"),
-                "eval_magnification": spec["eval_magnification"], "preprocess": self.record["preprocess"]}
-
-
-def load_model(path: Path, dev: torch.device) -> Deployed:
-    """A model file → the model (`external.read_model`, `external.rebuild`), with a two-stage model's
-    feature encoder built exactly as its feature jobs built it (weights policy, seeded init);
-    ModelFileError for a file that cannot be deployed."""
-    rec = read_model(path)
-    spec = rec["spec"]
-    net = rebuild(rec, path)
-    feature_encoder = None
-    if spec["family"] != "e2e":
-        from e2epath.features.extraction import build_frozen_encoder
-
-        feature_encoder = build_frozen_encoder(spec["encoder_spec"], spec["weights"], rec["seed"], dev)
-    logger.info("model %s: %s %s/%s fold %s, %s, %s at %dx, weights %s (epoch %s)", path, spec["family"],
-                rec.get("task"), spec["name"], rec.get("fold"), spec["task_type"], spec["encoder"],
-                spec["eval_magnification"], rec.get("weights"), rec.get("best_epoch"))
-    return Deployed(path, file_sha256(path), rec, net.to(dev).eval(), feature_encoder)
-
-
-def check_ensemble(models: list[Deployed]) -> None:
-    """The models of one call must predict the same thing from the same patches."""
-    first = models[0].shared()
-    for model in models[1:]:
-        other = model.shared()
-        differ = [k for k in SHARED if other[k] != first[k]]
-        if differ:
-            raise ModelFileError(f"{model.path} and {models[0].path} differ in {', '.join(differ)}: they cannot "
-                                 "form one ensemble; predict them in separate calls")
+    def features(self, model: Member, store: LmdbReader, args: argparse.Namespace, dev: torch.device) -> FeatureBag:
+        """The features of every patch of ``store`` as ``model``'s aggregator was trained on them."""
+        spec = model.spec
+        enc = spec["encoder_spec"]
+        key = repr((enc, spec["weights"], model.record["seed"]))
+        if key not in self.built:
+            self.built[key] = build_frozen_encoder(enc, spec["weights"], model.record["seed"], dev)
+        feats = extract(self.built[key], store, enc["input_size"], args.batch_size, dev, decode_threads_for(dev))
+        slide = store.meta["slide_id"]
+        return FeatureBag(slide, slide, feats.float(), [(slide, store.coords)])
 
 
 def slide_name(path: Path, taken: set[str]) -> str:
@@ -128,31 +101,17 @@ def slide_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-@torch.no_grad()
-def infer(model: Deployed, bag: Bag, dev: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-    """(logits [1, outputs], attention [heads, N]) of one slide's bag."""
-    spec = model.spec
-    if model.feature_encoder is None:
-        logits, attn, _ = predict_bag(model.net, bag, spec, dev)
-        return logits.cpu(), attn.float().cpu().numpy()
-    from e2epath.features.extraction import extract
-
-    store = bag.stores[spec["eval_magnification"]][0]
-    feats = extract(model.feature_encoder, store, spec["encoder_spec"]["input_size"], 64, dev, 2).float()
-    logits, attn = model.net(feats[None].to(dev), return_attention=True)
-    return logits.float().cpu(), attn[0].float().cpu().numpy()
-
-
 def prepare(path: Path, slide: str, mpp: float | None, prep: dict[str, Any], magnification: int, folder: Path,
             threads: int) -> tuple[dict, dict, dict]:
-    """QC, tissue and patches of one slide into ``folder``: (QC record, tissue GeoJSON, patch row)."""
+    """QC, tissue and patches of one slide into ``folder`` with the model's recorded preprocessing:
+    (QC record, tissue GeoJSON, patch row)."""
     qc = slide_qc(slide, slide, path, mpp)
     if qc["status"] != "ok":
         return qc, {}, {"status": "failed", "message": f"slide QC failed: {qc['error']}"}
     tissue = prep["tissue"]
     paths = {k: folder / f"{slide}.{k}" for k in ("mask.png", "geojson", "thumb.png")}
-    segment_tissue(qc, tissue_params(tissue["preset"], tissue["seg_mpp"]), paths["mask.png"], paths["geojson"],
-                   paths["thumb.png"], tissue["preset"])
+    segment_tissue(qc, tissue_params(**tissue), paths["mask.png"], paths["geojson"], paths["thumb.png"],
+                   tissue["preset"])
     params = PatchParams(magnification, prep["patch_size"], prep["min_tissue"], prep["mpp_tolerance"],
                          prep["allow_upsample"], prep["jpeg_quality"], threads)
     row = patch_to_files(qc, paths["mask.png"], paths["geojson"], params, folder / f"{slide}.lmdb",
@@ -160,16 +119,16 @@ def prepare(path: Path, slide: str, mpp: float | None, prep: dict[str, Any], mag
     return qc, json.loads(paths["geojson"].read_text()), row
 
 
-def predict_slide(path: Path, slide: str, models: list[Deployed], out: Path, args: argparse.Namespace,
-                  dev: torch.device) -> dict[str, Any]:
+def predict_slide(path: Path, slide: str, models: list[Member], out: Path, args: argparse.Namespace,
+                  dev: torch.device, encoders: FeatureEncoders) -> dict[str, Any]:
     """Everything `predict` writes for one slide; returns its summary (also written)."""
     files = {k: v.format(slide=slide) for k, v in PREDICT_FILES.items()}
     first = models[0]
     spec, prep, mag = first.spec, first.record["preprocess"], first.spec["eval_magnification"]
-    used = [{"path": str(m.path), "sha256": m.sha256, "method": m.spec["name"], "fold": m.record.get("fold")}
+    used = [{"path": str(m.path), "sha256": m.sha256, "method": m.spec["name"], "fold": m.record["fold"]}
             for m in models]
     summary: dict[str, Any] = {"slide_id": slide, "path": str(path.resolve()), "status": "refused", "reason": "",
-                               "task": first.record.get("task"), "task_type": spec["task_type"],
+                               "task": first.record["task"], "task_type": spec["task_type"],
                                "magnification": mag, "models": used}
     with tempfile.TemporaryDirectory(prefix=f"e2epath-predict-{slide}-") as tmp:
         qc, tissue, row = prepare(path, slide, args.mpp, prep, mag, Path(tmp), args.threads)
@@ -183,13 +142,15 @@ def predict_slide(path: Path, slide: str, models: list[Deployed], out: Path, arg
         bag = Bag(slide, slide, [slide], {mag: [store]})
         logits, attentions = [], []
         for model in models:
-            lg, attn = infer(model, bag, dev)
-            logits.append(lg)
-            attentions.append(attn)
-        classes = first.record.get("classes")
-        per_model = pd.concat([scores(spec["task_type"], lg, classes) for lg in logits], ignore_index=True)
+            inputs = bag if model.spec["family"] == "e2e" else encoders.features(model, store, args, dev)
+            lg, attn, _ = predict_bag(model.net, inputs, model.spec, dev)
+            logits.append(lg.cpu())
+            attentions.append(attn.float().cpu().numpy())
+        classes = first.record["classes"]
+        tables = [scores(spec["task_type"], lg, classes) for lg in logits]
+        per_model = pd.concat(tables, ignore_index=True)
         per_model.insert(0, "model", [str(m.path) for m in models])
-        ensemble = per_model.drop(columns="model").mean().to_frame().T
+        ensemble = mean_scores(tables)
         ensemble.insert(0, "model", "ensemble")
         table = pd.concat([per_model, ensemble], ignore_index=True)
         with atomic_path(out / files["predictions"]) as t:
@@ -220,24 +181,33 @@ def cli(argv: list[str] | None = None) -> int:
                     help="model files (results/{e2e,twostage}/TASK/METHOD/foldK/model.pt); several: their ensemble")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--mpp", type=float, default=None, help="µm per pixel when a slide file does not say")
-    ap.add_argument("--map-mpp", type=float, default=8.0, help="attention map resolution, µm/px (2 or coarser)")
-    ap.add_argument("--top-k", type=int, default=8, help="most and least attended patches in the montage")
-    ap.add_argument("--threads", type=int, default=2, help="patching threads")
+    ap.add_argument("--map-mpp", type=schema.arg_type("maps", "mpp"), default=schema.default("maps", "mpp"),
+                    help="attention map resolution, µm/px (2 or coarser; default %(default)s, the config's maps.mpp)")
+    ap.add_argument("--top-k", type=schema.arg_type("maps", "top_k"), default=schema.default("maps", "top_k"),
+                    help="most and least attended patches in the montage (default %(default)s)")
+    ap.add_argument("--batch-size", type=schema.arg_type("twostage", "batch_size"),
+                    default=schema.default("twostage", "batch_size"),
+                    help="patches per batch of a two-stage model's feature encoder (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="patching threads (default: the CPUs this process may use, %(default)s)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
     dev = torch_device()
     try:
-        models = [load_model(p, dev) for p in dict.fromkeys(args.model)]
-        check_ensemble(models)
+        models = load_members(args.model, dev)
+        check_members(models)
     except ModelFileError as err:
         logger.error("%s", err)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     refused = 0
+    encoders = FeatureEncoders()
     for path in args.slides:
         slide = slide_name(path, taken)
         try:
-            summary = predict_slide(path, slide, models, args.out, args, dev)
+            summary = predict_slide(path, slide, models, args.out, args, dev, encoders)
         except Exception as err:  # noqa: BLE001 - one bad slide never stops the others
             logger.exception("slide %s (%s): failed", slide, path)
             summary = {"slide_id": slide, "path": str(path), "status": "failed",

@@ -89,7 +89,7 @@ def _log_dropped(what: str, name: str, n_valid: int, n_boot: int) -> None:
                        what, name, n_boot - n_valid, n_boot)
 
 
-def bootstrap(cases: Cases, n_boot: int, seed: int, alpha: float = 0.05,
+def bootstrap(cases: Cases, n_boot: int, seed: int, alpha: float,
               what: str = "") -> dict[str, Interval]:
     """Point estimate, bootstrap mean and percentile interval of every metric of the task."""
     point = cases.point()
@@ -103,7 +103,7 @@ def bootstrap(cases: Cases, n_boot: int, seed: int, alpha: float = 0.05,
 
 
 def paired_bootstrap(cases: Cases, reference: Cases, n_boot: int, seed: int,
-                     alpha: float = 0.05, what: str = "") -> dict[str, PairedInterval]:
+                     alpha: float, what: str = "") -> dict[str, PairedInterval]:
     """Difference `cases − reference` on the same resampled cases. Two-sided bootstrap p-value
     2·min(P(d ≤ 0), P(d ≥ 0)) capped at 1, each tail counted as (k + 1) / (B + 1) so that a
     finite bootstrap never claims p = 0 (the smallest p of 1000 resamples is ≈ 0.002)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from e2epath.core import schema
 from e2epath.core.io import atomic_path, read_json
 from e2epath.core.layout import Run, load_tables, read_runs, read_table
 from e2epath.core.metrics import main_metric
@@ -178,8 +179,8 @@ def _paired_rows(cohort: str, fold: str, tables: dict[tuple[str, str], pd.DataFr
     return out
 
 
-def evaluate(runs: list[Run], task_type: str, n_boot: int, seed: int, reference: str | None = None,
-             alpha: float = 0.05, cohorts: list[Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate(runs: list[Run], task_type: str, n_boot: int, seed: int, alpha: float, reference: str | None = None,
+             cohorts: list[Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Metrics rows (per unit, per fold + pooled, every method; then each external cohort's) and
     paired rows (per cohort and unit, vs the reference). The reference is chosen on the internal
     pooled results of the first unit (the bags the models predict)."""
@@ -222,7 +223,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
     ap.add_argument("--n-boot", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--alpha", type=float, default=0.05, help="1 − confidence level (0.05: 95%% interval)")
+    ap.add_argument("--alpha", type=schema.arg_type("evaluate", "alpha"), required=True,
+                    help="1 − confidence level (0.05: 95%% intervals)")
     ap.add_argument("--reference", default=None,
                     help="method the paired differences are taken against (default: best two-stage "
                          "method by pooled main metric, else the first method)")
@@ -232,11 +234,11 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--cohorts", nargs="*", required=True, type=Path,
                     help="external cohorts' prediction.json (predict_cohort) of cohorts labelled for the task")
     args = ap.parse_args(argv)
-    if args.n_boot < 1 or not 0 < args.alpha < 1:
-        ap.error("--n-boot must be ≥ 1 and --alpha in (0, 1)")
+    if args.n_boot < 1:
+        ap.error("--n-boot must be ≥ 1")
     try:
         runs = read_runs(args.runs, args.task)
-        metrics, paired = evaluate(runs, args.task_type, args.n_boot, args.seed, args.reference, args.alpha,
+        metrics, paired = evaluate(runs, args.task_type, args.n_boot, args.seed, args.alpha, args.reference,
                                    args.cohorts)
     except (OSError, ValueError) as err:  # bad runs, predictions or arguments: say what to fix, no traceback
         logger.error("task %s: %s", args.task, err)

@@ -121,7 +121,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--encoder", required=True,
                     help=f"a preset ({', '.join(PRESETS)}) or a preset as JSON (what the workflow passes)")
     ap.add_argument("--magnification", type=int, required=True, choices=MAGNIFICATIONS)
-    ap.add_argument("--weights", required=True, help="imagenet | hf:<org>/<repo>/<file> | a state-dict file | None")
+    ap.add_argument("--weights", default=None,
+                    help="imagenet | hf:<org>/<repo>/<file> | a state-dict file; left out: random initialisation")
     ap.add_argument("--input-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
@@ -132,14 +133,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _params(a: argparse.Namespace, ap: argparse.ArgumentParser) -> FeatureParams:
-    weights = None if a.weights in ("None", "null") else a.weights
     try:
         spec = json.loads(a.encoder) if a.encoder.lstrip().startswith("{") else encoder_spec(a.encoder)
     except (EncoderError, json.JSONDecodeError) as err:
         ap.error(f"--encoder: {err}")
     input_size = a.input_size or spec["input_size"]
     spec = {**spec, "input_size": input_size}
-    return FeatureParams(spec, a.magnification, weights, input_size, a.batch_size, a.seed, a.workers,
+    return FeatureParams(spec, a.magnification, a.weights, input_size, a.batch_size, a.seed, a.workers,
                          tuple(a.pretrained))
 
 

@@ -8,6 +8,7 @@ Content: ``slide_id``, ``status`` (ok | skipped | failed), ``message``, ``magnif
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,21 +48,35 @@ def read_features(path: str | Path) -> dict:
     return rec
 
 
-def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: set[str],
-                      unit: str = "case", encoders: dict | None = None
-                      ) -> tuple[dict[str, tuple[torch.Tensor, list]], dict[str, str]]:
-    """(bag → (features [N, D] float32, [(slide, coords)]), bag → case) from the per-slide feature
-    files, or from shard tables (JSON) listing them; one bag per case (its slides in slide-id
-    order) or per slide (``unit``). ``encoders``, when given, collects each file's encoder record
-    (name and weights) by checkpoint hash: features of one bag set must come from one checkpoint."""
+@dataclass
+class FeatureBag:
+    """One unit of prediction — a slide, or a case with all its slides (slide-id order) — as frozen
+    features: the two-stage counterpart of `e2epath.data.bags.Bag`."""
+
+    unit_id: str
+    case_id: str
+    features: Tensor                              # float32 [N, D], the slides' patches in order
+    parts: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (slide, level-0 coords [n, 2])
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: set[str], unit: str
+                      ) -> tuple[dict[str, FeatureBag], dict[str, dict]]:
+    """The feature bags of ``cases`` from the per-slide feature files, or from shard tables (JSON)
+    listing them — one per case or per slide (``unit``) — and the encoders the files were made with
+    (sha256 → name and weights: features of one bag set must come from one checkpoint). Slides
+    whose features are not ok are skipped, logged."""
     case_of = pd.read_csv(slides_tsv, sep="\t", dtype=str).set_index("slide_id")["case_id"].to_dict()
     files = [p for p in paths if not str(p).endswith(".json")]
     files += [r["path"] for r in read_records(p for p in paths if str(p).endswith(".json"))]
     parts: dict[str, list] = {}
     units: dict[str, str] = {}
+    encoders: dict[str, dict] = {}
     for path in sorted(files, key=lambda p: Path(p).name):
         rec = read_features(path)
-        if encoders is not None and rec.get("encoder_weights") is not None:
+        if rec.get("encoder_weights") is not None:
             weights = {"name": rec.get("encoder"), **rec["encoder_weights"]}
             encoders.setdefault(weights.get("sha256"), weights)
         case = case_of.get(rec["slide_id"])
@@ -73,5 +88,6 @@ def load_feature_bags(slides_tsv: str | Path, paths: list[str | Path], cases: se
         bag = case if unit == "case" else rec["slide_id"]
         units[bag] = case
         parts.setdefault(bag, []).append((rec["slide_id"], rec["features"].float(), rec["coords"].numpy()))
-    bags = {b: (torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p]) for b, p in parts.items()}
-    return bags, units
+    bags = {b: FeatureBag(b, units[b], torch.cat([f for _, f, _ in p]), [(s, xy) for s, _, xy in p])
+            for b, p in parts.items()}
+    return bags, encoders

@@ -1,14 +1,14 @@
 """Figures of a task (ROC or Kaplan–Meier, forest plot, training curves, attention heatmaps) and
-of the cohort (QC montage, patch counts, summary table).
+the slide QC figures of a cohort (QC montage, patch counts, summary table).
 
 `python -m e2epath figures_task --task T --task-type TYPE --metrics results/metrics/T.tsv
---slides results/slides.tsv --seed 0 --out-dir results/figures/T [--n-boot 200] [--n-attention 3]
---runs RUN...` with RUN = a training run's run.json (`e2epath.layout`: its predictions, history
-and attention are read from the run's folder).
+--slides results/slides.tsv --seed 0 --alpha 0.05 --out-dir results/figures/T [--n-boot 200]
+[--n-attention 3] --runs RUN...` with RUN = a training run's run.json (`e2epath.core.layout`: its
+predictions, history and attention are read from the run's folder).
 
-`python -m e2epath figures_cohort --slides results/slides.tsv --manifest
-results/patches/manifest.tsv --out-dir results/figures/cohort --thumbs [PNG...] --tissue [TABLE...]`
-(per-slide thumbnails, or with preprocess.shards the tissue tables that list them).
+`python -m e2epath figures_qc --slides results/slides.tsv --manifest results/patches/manifest.tsv
+--out-dir results/figures/qc --thumbs [PNG or TABLE...]` (per-slide thumbnails, or with
+preprocess.shards the tissue tables that list them).
 
 Each figure is written as PNG and PDF. A figure whose inputs are missing or insufficient is
 skipped with a logged reason (listed in ``figures.tsv``); the others are still written. The
@@ -23,6 +23,7 @@ from typing import Callable
 
 import pandas as pd
 
+from e2epath.core import schema
 from e2epath.core.io import read_records, replace_dir
 from e2epath.core.layout import load_tables, read_runs
 from e2epath.core.vocabulary import INTERNAL, MAIN_METRIC, TASK_TYPES
@@ -83,8 +84,8 @@ def _task_figures(args: argparse.Namespace, out: Path) -> None:
                            & (metrics["cohort"] == INTERNAL)  # the internal test folds' predictions
                            & (metrics["unit"] == primary_unit(metrics))]  # the unit the predictions are in
             auc_ci = {r.method: (r.ci_low, r.ci_high) for r in rows.itertuples()}
-        w.figure("roc", lambda: roc.plot_roc(need_methods(), args.task_type, args.n_boot, args.seed, auc_ci,
-                                             title=title))
+        w.figure("roc", lambda: roc.plot_roc(need_methods(), args.task_type, args.n_boot, args.seed, args.alpha,
+                                             auc_ci, title=title))
 
     def forest_fig():
         if metrics is None:
@@ -115,6 +116,8 @@ def cli_task(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", type=Path, required=True, help="results/slides.tsv (slide paths, QC status)")
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--alpha", type=schema.arg_type("evaluate", "alpha"), required=True,
+                    help="1 − confidence level of the ROC band (the config's evaluate.alpha)")
     ap.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the ROC band")
     ap.add_argument("--n-attention", type=int, default=3, help="slides in the attention figure")
     args = ap.parse_args(argv)
@@ -128,13 +131,14 @@ def cli_task(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cohort_figures(args: argparse.Namespace, out: Path) -> None:
+def _qc_figures(args: argparse.Namespace, out: Path) -> None:
     from e2epath.figures import qc
 
     slides = qc.read_table(args.slides, qc.SLIDE_COLUMNS, "slides.tsv")
     manifest = qc.read_table(args.manifest, qc.MANIFEST_COLUMNS, "manifest.tsv")
-    thumbs = {p.stem: p for p in map(Path, args.thumbs)}  # per-slide thumbnails are named {slide}.png
-    thumbs.update({r["slide_id"]: Path(r["thumb"]) for r in read_records(args.tissue)})
+    given = list(map(Path, args.thumbs))
+    thumbs = {p.stem: p for p in given if p.suffix == ".png"}  # per-slide thumbnails are named {slide}.png
+    thumbs.update({r["slide_id"]: Path(r["thumb"]) for r in read_records(p for p in given if p.suffix == ".json")})
     w = _Writer(out)
     w.figure("qc_montage", lambda: qc.plot_qc_montage(slides, manifest, thumbs))
     w.figure("patch_counts", lambda: qc.plot_patch_counts(manifest))
@@ -142,16 +146,16 @@ def _cohort_figures(args: argparse.Namespace, out: Path) -> None:
     w.finish()
 
 
-def cli_cohort(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="e2epath figures_cohort", description="Figures of the cohort.")
+def cli_qc(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="e2epath figures_qc", description="The slide QC figures of a cohort.")
     ap.add_argument("--slides", type=Path, required=True, help="results/slides.tsv")
     ap.add_argument("--manifest", type=Path, required=True, help="results/patches/manifest.tsv")
-    ap.add_argument("--thumbs", nargs="*", required=True, help="per-slide QC thumbnails, named {slide}.png")
-    ap.add_argument("--tissue", nargs="*", required=True, help="tissue shard tables (their `thumb` paths)")
+    ap.add_argument("--thumbs", nargs="*", required=True,
+                    help="per-slide QC thumbnails named {slide}.png, or tissue shard tables (their `thumb` paths)")
     ap.add_argument("--out-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
-        replace_dir(args.out_dir, lambda tmp: _cohort_figures(args, tmp))
+        replace_dir(args.out_dir, lambda tmp: _qc_figures(args, tmp))
     except ValueError as err:
         logger.error("%s", err)
         return 2

@@ -26,6 +26,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from e2epath.core import seeds
+from e2epath.train.attention import read_heads, slide_ids
 from e2epath.core.layout import Run
 from e2epath.figures.common import FigureSkipped
 from e2epath.slide.reader import SlideError, open_slide, read_at_mpp
@@ -58,25 +59,6 @@ def infer_patch_size(coords: np.ndarray) -> int | None:
         if len(u) > 1:
             gaps.append(int(np.diff(u).min()))
     return min(gaps) if gaps else None
-
-
-def slide_ids(npz) -> list[str]:
-    return sorted(k for k in npz.files if not k.startswith("__") and not k.endswith("__coords"))
-
-
-def read_heads(npz, slide: str, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Attention [heads, N] (float64) and coords [N, 2] (int64 level-0 x, y) of one slide from an
-    open attention.npz; errors name file and key."""
-    if slide not in npz.files:
-        raise ValueError(f"{source}: no attention of slide {slide}")
-    if f"{slide}__coords" not in npz.files:
-        raise ValueError(f"{source}: key {slide}__coords missing (see docs/contracts.md attention.npz)")
-    att = np.asarray(npz[slide], dtype=np.float64)
-    coords = np.asarray(npz[f"{slide}__coords"]).astype(np.int64).reshape(-1, 2)
-    att = att.reshape(1, -1) if att.ndim == 1 else att
-    if att.ndim != 2 or att.shape[1] != len(coords):
-        raise ValueError(f"{source}: {slide} has attention of shape {list(att.shape)} but {len(coords)} coords")
-    return att, coords
 
 
 def read_slide(npz, slide: str, source: str) -> SlideAttention:

@@ -83,7 +83,7 @@ def macro_roc(y: np.ndarray, prob: np.ndarray, classes: list[int] | None = None,
     return np.mean([t for t, _ in per_class], axis=0), float(np.mean([a for _, a in per_class]))
 
 
-def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05,
+def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: float,
              fold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, tuple[float, float]]:
     """Point curve, lower / upper percentile band, AUC and its bootstrap percentile interval."""
     fold = np.zeros(len(y), int) if fold is None else np.asarray(fold)
@@ -104,9 +104,10 @@ def roc_band(y: np.ndarray, prob: np.ndarray, n_boot: int, seed: int, alpha: flo
     return tpr, lo, hi, auc, (float(a_lo), float(a_hi))
 
 
-def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], task_type: str, n_boot: int = 200,
-             seed: int = 0, auc_ci: dict[str, tuple[float, float]] | None = None, title: str = "") -> Figure:
-    """One curve per method (the test folds' curves averaged) with its band; AUC [95 % CI] in the legend.
+def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], task_type: str, n_boot: int, seed: int,
+             alpha: float, auc_ci: dict[str, tuple[float, float]] | None = None, title: str = "") -> Figure:
+    """One curve per method (the test folds' curves averaged) with its band; AUC [1 − alpha CI] in the
+    legend.
 
     ``auc_ci`` (method → interval, from the metrics table) replaces the band's own interval,
     so the legend agrees with the tables.
@@ -129,7 +130,7 @@ def plot_roc(methods: dict[tuple[str, str], dict[int, pd.DataFrame]], task_type:
             left_out = [c for i, c in enumerate(classes) if i not in usable]
             logger.warning("ROC: %s — classes %s have no test fold with a positive and a negative "
                            "case; macro average over the others", name, left_out)
-        tpr, lo, hi, auc, ci = roc_band(y, prob, n_boot, seed, fold=fold)
+        tpr, lo, hi, auc, ci = roc_band(y, prob, n_boot, seed, alpha, fold=fold)
         ci = (auc_ci or {}).get(name, ci)
         label = f"{name} ({FAMILY_LABELS[key[0]]}) AUC {auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
         ax.fill_between(FPR_GRID, lo, hi, color=colors[key], alpha=0.15, linewidth=0)

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from e2epath.core import schema
 from e2epath.core.io import read_json, read_records, table_cli, write_json
 from e2epath.core.vocabulary import MAGNIFICATIONS
 from e2epath.preprocess import shards
@@ -286,11 +287,12 @@ def _main(argv: list[str] | None, shard: bool) -> int:
     p = argparse.ArgumentParser(prog="e2epath patch" + ("_shard" if shard else ""), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--magnification", required=True, type=int, choices=MAGNIFICATIONS)
-    p.add_argument("--patch-size", required=True, type=int)
-    p.add_argument("--min-tissue", required=True, type=float)
-    p.add_argument("--tolerance", required=True, type=float, help="mpp within this fraction counts as equal")
+    p.add_argument("--patch-size", required=True, type=schema.arg_type("preprocess", "patch_size"))
+    p.add_argument("--min-tissue", required=True, type=schema.arg_type("preprocess", "min_tissue"))
+    p.add_argument("--mpp-tolerance", required=True, type=schema.arg_type("preprocess", "mpp_tolerance"),
+                   help="mpp within this fraction counts as equal")
     p.add_argument("--allow-upsample", action="store_true")
-    p.add_argument("--jpeg-quality", required=True, type=int)
+    p.add_argument("--jpeg-quality", required=True, type=schema.arg_type("preprocess", "jpeg_quality"))
     p.add_argument("--threads", required=True, type=int, help="windows decoded in parallel")
     p.add_argument("--window-px", type=int, default=WINDOW_PX, help="max window width in level px")
     p.add_argument("--qc", required=True, type=Path, help="the slide's QC record, or the shard's QC table")
@@ -301,9 +303,9 @@ def _main(argv: list[str] | None, shard: bool) -> int:
         p.add_argument("--geojson", required=True, type=Path)
     shards.add_outputs(p, shard, OUTPUTS)
     a = p.parse_args(argv)
-    if a.patch_size <= 0 or not 0 <= a.min_tissue <= 1 or not 1 <= a.jpeg_quality <= 100 or a.threads < 1:
-        p.error("need patch-size > 0, 0 <= min-tissue <= 1, 1 <= jpeg-quality <= 100, threads >= 1")
-    params = PatchParams(a.magnification, a.patch_size, a.min_tissue, a.tolerance, a.allow_upsample,
+    if a.threads < 1:
+        p.error("--threads must be at least 1")
+    params = PatchParams(a.magnification, a.patch_size, a.min_tissue, a.mpp_tolerance, a.allow_upsample,
                          a.jpeg_quality, a.threads, a.window_px)
     tissue = {r["slide_id"]: r for r in read_records([a.tissue])} if shard else {}
     items = []

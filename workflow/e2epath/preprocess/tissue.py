@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from e2epath.core import schema
 from e2epath.core.io import read_records, write_bytes
 from e2epath.preprocess import shards
 from e2epath.slide import reader as sl
@@ -52,6 +53,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "resection": {},
     "biopsy": {"median_um": 24.0, "closing_um": 24.0, "min_area_um2": 1e4, "min_hole_um2": 4e3},
 }
+# The settings a config may change on top of its preset (preprocess.tissue; the schema checks them).
+OVERRIDES = tuple(f.name for f in fields(TissueParams) if f.name != "seg_mpp")
 THUMB_PX = 1024  # longest side of the QC thumbnail
 
 
@@ -262,20 +265,16 @@ def tissue_item(qc: dict[str, Any], params: TissueParams, preset: str, thumb_siz
 def _main(argv: list[str] | None, shard: bool) -> int:
     p = argparse.ArgumentParser(prog="e2epath tissue" + ("_shard" if shard else ""), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--seg-mpp", type=float, required=True)
+    p.add_argument("--preset", type=schema.arg_type("preprocess", "tissue", "preset"), required=True)
+    p.add_argument("--seg-mpp", type=schema.arg_type("preprocess", "tissue", "seg_mpp"), required=True)
     p.add_argument("--thumb-size", type=int, default=THUMB_PX)
-    for field in ("median_um", "closing_um", "min_area_um2", "min_hole_um2", "pen_um"):
-        p.add_argument("--" + field.replace("_", "-"), type=float, default=None, help="override the preset")
-    for field in ("sat_floor", "sat_cap", "white_value", "white_sat", "dark_value", "ink_value", "ink_sat"):
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=None, help="override the preset")
+    for name in OVERRIDES:  # the config's preprocess.tissue settings: the preset's unless given
+        p.add_argument("--" + name.replace("_", "-"), type=schema.arg_type("preprocess", "tissue", name), default=None,
+                       help=f"change the preset's {name} (config preprocess.tissue.{name})")
     p.add_argument("--qc", required=True, type=Path, help="the slide's QC record, or the shard's QC table")
     shards.add_outputs(p, shard, OUTPUTS)
     a = p.parse_args(argv)
-    if a.seg_mpp <= 0:
-        p.error("--seg-mpp must be positive")
-    overrides = {k: v for k, v in vars(a).items() if k in TissueParams.__dataclass_fields__ and k != "seg_mpp"}
-    params = tissue_params(a.preset, a.seg_mpp, **overrides)
+    params = tissue_params(a.preset, a.seg_mpp, **{k: getattr(a, k) for k in OVERRIDES})
     items = []
     for qc in read_records([a.qc]):
         paths = shards.output_paths(a, shard, OUTPUTS, qc["slide_id"])

@@ -1,4 +1,4 @@
-"""Sample sheets and label tables from what public cohorts ship: `python -m e2epath cohort <source>`.
+"""Sample sheets and label tables from what public cohorts ship: `python -m e2epath import <source>`.
 
 * ``gdc`` — TCGA / CPTAC from the Genomic Data Commons: a GDC manifest (the slides downloaded
   with `gdc-client download -m manifest.txt -d DIR`, one folder per file id) and the cases'
@@ -39,7 +39,7 @@ TCGA_CASE = r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})"
 MISSING = {"", "'--", "--", "not reported", "unknown", "nan", "na", "n/a"}
 
 
-class CohortError(ValueError):
+class ImporterError(ValueError):
     """Input that cannot become a sheet; the message names the file, row or value and the fix."""
 
 
@@ -52,7 +52,7 @@ def _relative(path: Path, out: Path) -> str:
         return str(path.resolve())
 
 
-def write_cohort(out: Path, slides: pd.DataFrame, labels: dict[str, tuple[str, pd.DataFrame]]) -> dict[str, Path]:
+def write_sheet(out: Path, slides: pd.DataFrame, labels: dict[str, tuple[str, pd.DataFrame]]) -> dict[str, Path]:
     """Keep the cases labelled in every task, write the sheet and the label tables, check them.
 
     ``slides``: slide_id, path (absolute), case_id; ``labels``: task → (task type, table by case).
@@ -66,7 +66,7 @@ def write_cohort(out: Path, slides: pd.DataFrame, labels: dict[str, tuple[str, p
                            ", ".join(sorted(missing)[:5]))
         keep &= set(table["case_id"])
     if not keep:
-        raise CohortError("no case has both slides and every label: check that the manifest, the slide folder "
+        raise ImporterError("no case has both slides and every label: check that the manifest, the slide folder "
                           "and the clinical table describe the same cases")
     sheet = slides[slides["case_id"].isin(keep)].sort_values(["case_id", "slide_id"]).copy()
     sheet["path"] = [_relative(Path(p), out) for p in sheet["path"]]
@@ -90,10 +90,10 @@ def write_cohort(out: Path, slides: pd.DataFrame, labels: dict[str, tuple[str, p
 def _check_slide_ids(slides: pd.DataFrame, source: str) -> None:
     bad = [s for s in slides["slide_id"] if not ID_RE.match(s)]
     if bad:
-        raise CohortError(f"{source}: slide name(s) {bad[:3]} cannot be slide ids ({ID_RULE}); rename the files")
+        raise ImporterError(f"{source}: slide name(s) {bad[:3]} cannot be slide ids ({ID_RULE}); rename the files")
     dup = slides["slide_id"][slides["slide_id"].duplicated()].tolist()
     if dup:
-        raise CohortError(f"{source}: slide id(s) {dup[:3]} occur more than once; keep one copy of each file")
+        raise ImporterError(f"{source}: slide id(s) {dup[:3]} occur more than once; keep one copy of each file")
 
 
 # ------------------------------------------------------------------ GDC (TCGA, CPTAC)
@@ -103,10 +103,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep="\t", dtype=str)
     except (OSError, pd.errors.ParserError) as err:
-        raise CohortError(f"{path}: not a readable GDC manifest ({err})") from err
+        raise ImporterError(f"{path}: not a readable GDC manifest ({err})") from err
     missing = {"id", "filename"} - set(df.columns)
     if missing:
-        raise CohortError(f"{path}: a GDC manifest has columns id, filename, md5, size, state; "
+        raise ImporterError(f"{path}: a GDC manifest has columns id, filename, md5, size, state; "
                           f"missing {sorted(missing)}")
     return df
 
@@ -142,7 +142,7 @@ def gdc_slides(manifest: Path, slide_dir: Path, case_pattern: str, all_slides: b
             continue
         rows.append({"slide_id": name.stem, "path": str(path.resolve()), "case_id": m.group(1)})
     if unmatched:
-        raise CohortError(f"{manifest}: {len(unmatched)} file name(s) do not start with a case id matching "
+        raise ImporterError(f"{manifest}: {len(unmatched)} file name(s) do not start with a case id matching "
                           f"{case_pattern!r} ({'; '.join(unmatched[:3])}); give --case-pattern, e.g. "
                           r"'^(C3[LN]-\d{5})' for CPTAC")
     if frozen:
@@ -152,10 +152,10 @@ def gdc_slides(manifest: Path, slide_dir: Path, case_pattern: str, all_slides: b
         msg = (f"{len(missing)} slide(s) of {manifest} are not in {slide_dir}, e.g. {missing[0]}; finish the "
                "download (gdc-client download -m MANIFEST -d DIR)")
         if not skip_missing:
-            raise CohortError(msg + ", or pass --skip-missing to write the others")
+            raise ImporterError(msg + ", or pass --skip-missing to write the others")
         logger.warning("%s; left out (--skip-missing)", msg)
     if not rows:
-        raise CohortError(f"{manifest}: no slide left (left out: {frozen} non-diagnostic, {len(missing)} missing)"
+        raise ImporterError(f"{manifest}: no slide left (left out: {frozen} non-diagnostic, {len(missing)} missing)"
                           + ("; TCGA diagnostic slides have -DX in their names, other cohorts need --all-slides"
                              if frozen else ""))
     slides = pd.DataFrame(rows)
@@ -167,7 +167,7 @@ def _column(df: pd.DataFrame, names: tuple[str, ...], path: Path, what: str) -> 
     for name in names:
         if name in df.columns:
             return name
-    raise CohortError(f"{path}: no {what} column ({' or '.join(names)}); use the GDC cart's 'Clinical: TSV' "
+    raise ImporterError(f"{path}: no {what} column ({' or '.join(names)}); use the GDC cart's 'Clinical: TSV' "
                       "(clinical.tsv)")
 
 
@@ -178,7 +178,7 @@ def read_clinical(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError) as err:
-        raise CohortError(f"{path}: not a readable clinical TSV ({err})") from err
+        raise ImporterError(f"{path}: not a readable clinical TSV ({err})") from err
     renamed = {}
     for col in df.columns:
         short = col.split(".", 1)[1] if "." in col else col
@@ -198,7 +198,7 @@ def class_labels(clinical: pd.DataFrame, field: str, mapping: dict[str, str], pa
     """case_id, label from a clinical field, through ``mapping`` (field value → class); values the
     mapping lacks and cases with conflicting values are dropped, with counts."""
     if field not in clinical.columns:
-        raise CohortError(f"{path}: no column {field!r}; columns: {', '.join(clinical.columns[:30])}")
+        raise ImporterError(f"{path}: no column {field!r}; columns: {', '.join(clinical.columns[:30])}")
     values = clinical[["case_id", field]].drop_duplicates()
     values = values[values[field].map(_present)]
     out, conflicting, unmapped = [], [], {}
@@ -220,7 +220,7 @@ def class_labels(clinical: pd.DataFrame, field: str, mapping: dict[str, str], pa
         logger.warning("%d case(s) with conflicting %s values left out, e.g. %s", len(conflicting), field,
                        ", ".join(conflicting[:5]))
     if not out:
-        raise CohortError(f"{path}: no case has a {field} value in the --map ({', '.join(mapping)}); check the "
+        raise ImporterError(f"{path}: no case has a {field} value in the --map ({', '.join(mapping)}); check the "
                           "spelling against the table's values")
     table = pd.DataFrame(out)
     logger.info("%s: %s", field, table["label"].value_counts().to_dict())
@@ -245,7 +245,7 @@ def survival_labels(clinical: pd.DataFrame, path: Path) -> pd.DataFrame:
         logger.warning("%d case(s) without a usable survival time left out, e.g. %s", len(dropped),
                        ", ".join(dropped[:5]))
     if not out:
-        raise CohortError(f"{path}: no case has a survival time (days_to_death / days_to_last_follow_up)")
+        raise ImporterError(f"{path}: no case has a survival time (days_to_death / days_to_last_follow_up)")
     table = pd.DataFrame(out)
     logger.info("survival: %d cases, %d events", len(table), int(table["event"].sum()))
     return table
@@ -256,7 +256,7 @@ def _pairs(values: list[str], flag: str, sep: str = "=") -> dict[str, str]:
     for value in values:
         key, eq, target = value.rpartition(sep)
         if not eq or not key or not target:
-            raise CohortError(f"{flag} {value!r}: write KEY{sep}VALUE")
+            raise ImporterError(f"{flag} {value!r}: write KEY{sep}VALUE")
         out[key] = target
     return out
 
@@ -271,8 +271,8 @@ def gdc(a: argparse.Namespace) -> dict[str, Path]:
     if a.survival:
         labels[a.survival] = ("survival", survival_labels(clinical, a.clinical))
     if not labels:
-        raise CohortError("give at least one task: --label TASK=FIELD (with --map VALUE=CLASS) or --survival TASK")
-    return write_cohort(a.out, slides, labels)
+        raise ImporterError("give at least one task: --label TASK=FIELD (with --map VALUE=CLASS) or --survival TASK")
+    return write_sheet(a.out, slides, labels)
 
 
 # ------------------------------------------------------------------ PANDA
@@ -282,7 +282,7 @@ def panda(a: argparse.Namespace) -> dict[str, Path]:
     table = pd.read_csv(a.csv, dtype=str)
     missing = {"image_id", "isup_grade"} - set(table.columns)
     if missing:
-        raise CohortError(f"{a.csv}: PANDA's train.csv has image_id, data_provider, isup_grade, gleason_score; "
+        raise ImporterError(f"{a.csv}: PANDA's train.csv has image_id, data_provider, isup_grade, gleason_score; "
                           f"missing {sorted(missing)}")
     rows, absent = [], []
     for image_id in table["image_id"]:
@@ -294,12 +294,12 @@ def panda(a: argparse.Namespace) -> dict[str, Path]:
     if absent:
         msg = f"{len(absent)} image(s) of {a.csv} are not in {a.images}, e.g. {absent[0]}"
         if not a.skip_missing:
-            raise CohortError(msg + "; finish the download or pass --skip-missing")
+            raise ImporterError(msg + "; finish the download or pass --skip-missing")
         logger.warning("%s; left out (--skip-missing)", msg)
     slides = pd.DataFrame(rows, columns=["slide_id", "path", "case_id"])
     _check_slide_ids(slides, str(a.csv))
     labels = table.rename(columns={"image_id": "case_id", "isup_grade": "label"})[["case_id", "label"]]
-    return write_cohort(a.out, slides, {a.task: ("grading", labels)})
+    return write_sheet(a.out, slides, {a.task: ("grading", labels)})
 
 
 # ------------------------------------------------------------------ CAMELYON
@@ -312,12 +312,12 @@ def camelyon16(root: Path) -> list[dict]:
     reference = root / "testing" / "reference.csv"
     if (root / "testing" / "images").is_dir():
         if not reference.is_file():
-            raise CohortError(f"{reference} is missing: the CAMELYON16 test slides' labels are in it")
+            raise ImporterError(f"{reference} is missing: the CAMELYON16 test slides' labels are in it")
         ref = pd.read_csv(reference, header=None, dtype=str)
         truth = {str(n).removesuffix(".tif"): str(t).strip().lower() for n, t in zip(ref[0], ref[1])}
         for p in sorted((root / "testing" / "images").glob("*.tif")):
             if p.stem not in truth:
-                raise CohortError(f"{reference}: no row for {p.name}")
+                raise ImporterError(f"{reference}: no row for {p.name}")
             rows.append({"path": p, "label": "positive" if truth[p.stem] == "tumor" else "negative"})
     return rows
 
@@ -327,16 +327,16 @@ def camelyon17(root: Path) -> list[dict]:
     macro; isolated tumour cells count as negative, as in the CAMELYON17 pN staging)."""
     labels_csv = root / "stage_labels.csv"
     if not labels_csv.is_file():
-        raise CohortError(f"{labels_csv} is missing: the CAMELYON17 slides' labels are in it")
+        raise ImporterError(f"{labels_csv} is missing: the CAMELYON17 slides' labels are in it")
     stages = pd.read_csv(labels_csv, dtype=str)
     if not {"patient", "stage"} <= set(stages.columns):
-        raise CohortError(f"{labels_csv}: expected columns patient, stage")
+        raise ImporterError(f"{labels_csv}: expected columns patient, stage")
     truth = {r.patient.removesuffix(".tif"): r.stage.strip().lower() for r in stages.itertuples()
              if r.patient.endswith(".tif")}
     rows = []
     for p in sorted(root.glob("training/center_*/*.tif")):
         if p.stem not in truth:
-            raise CohortError(f"{labels_csv}: no row for {p.name}")
+            raise ImporterError(f"{labels_csv}: no row for {p.name}")
         rows.append({"path": p, "label": "negative" if truth[p.stem] in ("negative", "itc") else "positive"})
     return rows
 
@@ -346,18 +346,18 @@ def camelyon(a: argparse.Namespace) -> dict[str, Path]:
     are then split independently; docs say so)."""
     rows = (camelyon16(a.c16) if a.c16 else []) + (camelyon17(a.c17) if a.c17 else [])
     if not rows:
-        raise CohortError("no CAMELYON slide found: give --c16 and / or --c17 folders as the challenge ships them")
+        raise ImporterError("no CAMELYON slide found: give --c16 and / or --c17 folders as the challenge ships them")
     slides = pd.DataFrame([{"slide_id": Path(r["path"]).stem, "path": str(Path(r["path"]).resolve()),
                             "case_id": Path(r["path"]).stem} for r in rows])
     _check_slide_ids(slides, "CAMELYON")
     labels = pd.DataFrame({"case_id": slides["case_id"], "label": [r["label"] for r in rows]})
-    return write_cohort(a.out, slides, {a.task: ("classification", labels)})
+    return write_sheet(a.out, slides, {a.task: ("classification", labels)})
 
 
 # ------------------------------------------------------------------ command line
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="e2epath cohort", description=__doc__,
+    ap = argparse.ArgumentParser(prog="e2epath import", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="source", required=True)
     g = sub.add_parser("gdc", help="TCGA / CPTAC: GDC manifest + slide folder + clinical.tsv")
@@ -390,11 +390,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python -m e2epath cohort {gdc,panda,camelyon} ...`."""
+    """`python -m e2epath import {gdc,panda,camelyon} ...`."""
     a = parser().parse_args(argv)
     try:
         {"gdc": gdc, "panda": panda, "camelyon": camelyon}[a.source](a)
-    except (CohortError, ValueError, OSError) as err:
-        print(f"e2epath cohort {a.source}: {err}", file=sys.stderr)
+    except (ImporterError, ValueError, OSError) as err:
+        print(f"e2epath import {a.source}: {err}", file=sys.stderr)
         return 2
     return 0

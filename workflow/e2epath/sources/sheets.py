@@ -5,14 +5,13 @@ user fixes their sheet in one pass instead of one error per run.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 
-from e2epath.core.vocabulary import ID_RE, ID_RULE, TASK_TYPES
+from e2epath.core.vocabulary import ID_RE, ID_RULE
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +148,7 @@ def validate_all(config: dict, check_files: bool = True) -> pd.DataFrame:
     return samples
 
 
-def validate_cohort(name: str, spec: dict, tasks: dict, check_files: bool = True,
-                    training_cases: set[str] | None = None) -> pd.DataFrame:
+def validate_cohort(name: str, spec: dict, tasks: dict, check_files: bool = True) -> pd.DataFrame:
     """Validate an external cohort (config ``cohorts.<name>``): its sheet, and each label table it
     gives — for a task of the config, every labelled case with slides in the cohort's sheet. Cases
     without a label are predicted and not scored. Returns the sheet."""
@@ -178,31 +176,4 @@ def validate_cohort(name: str, spec: dict, tasks: dict, check_files: bool = True
                                 f"slide in {spec['samples']}; add its slides or drop the row")
     if problems:
         raise SheetError(problems)
-    if training_cases:
-        shared = sorted(cases & training_cases)
-        if shared:
-            logger.warning("cohort %s: %d case id(s) also in the training cohort (%s%s): if they are the same "
-                           "patients, this is not an external validation", name, len(shared),
-                           ", ".join(shared[:5]), ", ..." if len(shared) > 5 else "")
     return samples
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m e2epath check --samples slides.tsv [--labels task:type:path ...]`."""
-    ap = argparse.ArgumentParser(prog="e2epath check", description=cli.__doc__)
-    ap.add_argument("--samples", required=True)
-    ap.add_argument("--labels", nargs="*", default=[], help="task:type:path")
-    args = ap.parse_args(argv)
-    tasks = {}
-    for spec in args.labels:
-        task, task_type, path = spec.split(":", 2)
-        if task_type not in TASK_TYPES:
-            ap.error(f"--labels {spec}: task type {task_type!r} is not one of {', '.join(TASK_TYPES)}")
-        tasks[task] = {"type": task_type, "labels": path}
-    try:
-        samples = validate_all({"samples": args.samples, "tasks": tasks})
-    except SheetError as err:
-        print(err)
-        return 1
-    print(f"ok: {len(samples)} slides, {samples['case_id'].nunique()} cases, {len(tasks)} tasks")
-    return 0

@@ -32,16 +32,18 @@ from e2epath.core import seeds
 from e2epath.core.devices import torch_device
 from e2epath.core.io import atomic_path
 from e2epath.core.layout import CHECKPOINT, RUN_FILES, Run
+from e2epath.data.bags import Bag
+from e2epath.features.files import FeatureBag
 from e2epath.sources.sheets import load_labels
+from e2epath.train.attention import split_attention, write_attention
+from e2epath.train.inference import predict_bag
 from e2epath.train.loop import Checkpoint, FitResult, Predict, fit
+from e2epath.train.modelfile import write_model
 from e2epath.train.tasks import Task, build_task
 
 logger = logging.getLogger(__name__)
 
 SUBSETS = ("train", "val", "test")
-# model.pt format: 2 records the preprocessing settings, the task and its outputs (classes, survival
-# bins), so `python -m e2epath predict` can apply a model to new slides; 1 (before) cannot be deployed.
-MODEL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -108,13 +110,12 @@ def parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None, prog: str, family: type["Family"], inputs: str, help: str) -> int:
-    """A training step's command line: the common arguments plus the family's inputs (``--{inputs}``)."""
+def main(argv: list[str] | None, prog: str, family: type["Family"], help: str) -> int:
+    """A training step's command line: the common arguments plus the family's inputs (``--inputs``)."""
     ap = parser(prog)
-    ap.add_argument(f"--{inputs}", nargs="+", required=True, type=Path, help=help)
+    ap.add_argument("--inputs", nargs="+", required=True, type=Path, help=help)
     args = ap.parse_args(argv)
-    job = job_from_args(args)
-    return run(job, family(job, getattr(args, inputs)))
+    return run(job_from_args(args), family, args.inputs)
 
 
 def job_from_args(args: argparse.Namespace) -> TrainingJob:
@@ -194,94 +195,100 @@ def bag_outputs(task: Task, unit_ids: list[str], units: dict[str, str], unit: st
     return preds, split_attention(attention)
 
 
-def split_attention(attention: list[tuple[torch.Tensor, list[tuple[str, np.ndarray]]]]
-                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-bag attention [heads, N] with the bag's (slide, coords) parts → slide → (attention, coords)."""
-    maps = {}
-    for attn, parts in attention:
-        start = 0
-        for slide, coords in parts:
-            maps[slide] = (attn[:, start:start + len(coords)].float().cpu().numpy(), coords)
-            start += len(coords)
-    return maps
+@dataclass(frozen=True)
+class TrainingData:
+    """How a family draws its training steps: (epoch, bag order: indices into the training bags) →
+    that epoch's (inputs, targets) steps; and the patches a training bag holds on average (the
+    patches/s column of history.tsv)."""
 
-
-def write_attention(path: Path, magnification: int, attention: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """``attention.npz`` (docs/contracts.md): ``__magnification__``, and per slide its attention
-    [heads, N] float32 and ``{slide}__coords`` [N, 2] int32 level-0 x, y."""
-    arrays = {"__magnification__": np.array(magnification)}
-    for slide, (attn, coords) in attention.items():
-        arrays[slide] = attn.astype(np.float32)
-        arrays[f"{slide}__coords"] = coords.astype(np.int32)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+    draw: Callable[[int, np.ndarray], Iterable]
+    patches_per_bag: float
 
 
 class Family(ABC):
-    """What differs between end-to-end and two-stage training. Methods are called in this order:
-    `load`, `build` (torch's generator seeded with the job's fold seed just before), `batches`,
-    `predictor`."""
+    """What differs between end-to-end and two-stage training: the bags it reads (loaded when it is
+    made), the model, and how training steps are drawn. Full bags are predicted by one path for both
+    (`e2epath.train.inference.predict_bag`)."""
 
-    def __init__(self, job: TrainingJob, inputs: list[Path]) -> None:
-        self.job, self.spec, self.inputs = job, job.spec, inputs
+    bags: dict[str, Bag | FeatureBag]  # every bag of the fold's cases that can be predicted, by unit id
 
-    @abstractmethod
-    def load(self, cases: list[str]) -> tuple[dict[str, str], set[str]]:
-        """Read the bags of ``cases`` (one per slide or per case: ``self.spec["bag"]``); return
-        (bag → case of every bag that can be predicted, the bags that can be trained on)."""
+    def __init__(self, job: TrainingJob, inputs: list[Path], cases: list[str]) -> None:
+        self.job, self.spec = job, job.spec
 
-    @abstractmethod
-    def build(self, task: Task, dev: torch.device) -> torch.nn.Module:
-        """The model to train, on ``dev``."""
-
-    @abstractmethod
-    def batches(self, task: Task, train: list[str], dev: torch.device) -> Callable[[int, np.ndarray], Iterable]:
-        """(epoch, bag order: indices into the ``train`` bags) → that epoch's (inputs, targets) steps."""
-
-    @abstractmethod
-    def predictor(self, task: Task, dev: torch.device) -> Predict:
-        """(model, bag ids) → (predictions, attention per slide) of those full bags."""
+    @property
+    def units(self) -> dict[str, str]:
+        """bag → its case, for every bag that can be predicted."""
+        return {u: b.case_id for u, b in self.bags.items()}
 
     @property
     @abstractmethod
-    def patches_per_bag(self) -> float:
-        """Patches in a training bag, on average (for the patches/s column of history.tsv)."""
+    def trainable(self) -> set[str]:
+        """The bags that can be trained on."""
 
-    def model_extras(self, task: Task) -> dict[str, Any]:
-        """What the model file records besides weights, spec and epoch."""
+    @abstractmethod
+    def model(self, task: Task, dev: torch.device) -> torch.nn.Module:
+        """A new model to train, on ``dev``."""
+
+    @abstractmethod
+    def training_data(self, task: Task, train: list[str], dev: torch.device) -> TrainingData:
+        """How the ``train`` bags become training steps."""
+
+    def model_record(self, task: Task) -> dict[str, Any]:
+        """What the model file records besides weights and spec (`e2epath.train.modelfile`)."""
         edges = getattr(task, "edges", None)
         return {"classes": getattr(task, "classes", None), "bins": None if edges is None else edges.tolist(),
                 "n_outputs": task.n_outputs}
 
+    @property
+    def encoder_record(self) -> dict[str, Any]:
+        """The encoder the run's inputs came from (name, weights, path, sha256): run.json, tables."""
+        raise NotImplementedError
 
-def run(job: TrainingJob, family: Family) -> int:
+
+def bag_predictor(task: Task, family: Family, dev: torch.device) -> Predict:
+    """(model, bag ids) → (predictions, attention per slide) of those full bags (`inference.predict_bag`)."""
+    spec, units = family.spec, family.units
+
+    @torch.no_grad()
+    def predict(model: torch.nn.Module, unit_ids: list[str]) -> tuple[pd.DataFrame, dict]:
+        logits, attention = [], []
+        for unit in unit_ids:
+            out, attn, parts = predict_bag(model, family.bags[unit], spec, dev)
+            logits.append(out)
+            attention.append((attn, parts))
+        return bag_outputs(task, unit_ids, units, spec["bag"], logits, attention)
+    return predict
+
+
+def run(job: TrainingJob, family_class: type[Family], inputs: list[Path]) -> int:
     """Train, select on validation, predict the test subset, write the run's files."""
     spec = job.spec
     seed_everything(job.fold_seed)
     labels, cases = load_fold(job)
-    units, trainable = family.load([c for ids in cases.values() for c in ids])
-    bags = units_of(cases, units, trainable)
+    family = family_class(job, inputs, [c for ids in cases.values() for c in ids])
+    units = family.units
+    bags = units_of(cases, units, family.trainable)
     logger.info("%s bags: %s", spec["bag"], {k: len(v) for k, v in bags.items()})
     train = bags["train"]
     task = build_task(spec["task_type"], labels, sorted({units[u] for u in train}), spec.get("n_bins"))
     dev = torch_device()
-    model = family.build(task, dev)
+    model = family.model(task, dev)
     strata = task.strata([units[u] for u in train])
-    draw = family.batches(task, train, dev)
+    data = family.training_data(task, train, dev)
 
     def batches(epoch: int) -> Iterable:
-        return draw(epoch, balanced_order(strata, job.epoch_rng(epoch), spec["oversample"]))
+        return data.draw(epoch, balanced_order(strata, job.epoch_rng(epoch), spec["oversample"]))
 
-    predict = family.predictor(task, dev)
+    predict = bag_predictor(task, family, dev)
     checkpoint = Checkpoint(job.folder / CHECKPOINT, spec)
-    result = fit(model, task, batches, predict, bags["val"], spec, checkpoint, family.patches_per_bag)
-    write_outputs(job, result, model, predict, bags["test"], family.model_extras(task))
+    result = fit(model, task, batches, predict, bags["val"], spec, checkpoint, data.patches_per_bag)
+    write_outputs(job, result, model, predict, bags["test"], family.model_record(task), family.encoder_record)
     checkpoint.finish()
     return 0
 
 
 def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, predict: Predict,
-                  test_cases: list[str], extras: dict[str, Any]) -> pd.DataFrame:
+                  test_cases: list[str], record: dict[str, Any], encoder: dict[str, Any]) -> pd.DataFrame:
     """Predict the test subset with the validation-selected weights (raw or moving average, which
     the model file records as `weights`); write every file of the run (docs/contracts.md
     "Training outputs"), run.json last."""
@@ -293,9 +300,7 @@ def write_outputs(job: TrainingJob, result: FitResult, model: torch.nn.Module, p
     with atomic_path(out["history"]) as tmp:
         result.history.to_csv(tmp, sep="\t", index=False)
     write_attention(out["attention"], job.spec["eval_magnification"], attention)
-    with atomic_path(out["model"]) as tmp:
-        torch.save({"model": result.best_state, "spec": job.spec, "best_epoch": result.best_epoch,
-                    "weights": result.best_weights, "task": job.task, "fold": job.fold, "seed": job.seed,
-                    "preprocess": job.preprocess, "format_version": MODEL_FORMAT, **extras}, tmp)
-    job.run.write(extras.get("encoder"))
+    write_model(out["model"], result.best_state, job.spec, best_epoch=result.best_epoch, weights=result.best_weights,
+                task=job.task, fold=job.fold, seed=job.seed, preprocess=job.preprocess, encoder=encoder, **record)
+    job.run.write(encoder)
     return preds

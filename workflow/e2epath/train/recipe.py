@@ -15,19 +15,16 @@ encoder's preset (`encoder_spec`) and the weights it loads (`weights`).
 unit, `select_on` metric and `oversample` ratio come from the task (`TASK_DEFAULTS` per task type).
 
 The resolved dict is what a training job receives as a plain param, so changing one method's
-hyper-parameters reruns only that method's jobs. `python -m e2epath methods --config FILE` prints
-every task × method's resolved dict.
+hyper-parameters reruns only that method's jobs. `python -m e2epath methods --config FILE`
+(`e2epath.config.cli`) prints every task × method's resolved dict.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
+from e2epath.core.schema import ConfigError
 from e2epath.core.vocabulary import FAMILIES, MAIN_METRIC, METRICS
 from e2epath.data.sampling import scale_counts
 from e2epath.models.presets import EncoderError, check_weights, resolve_encoders
@@ -134,10 +131,6 @@ TWOSTAGE_AGGREGATOR_KW: dict[str, dict[str, dict[str, Any]]] = {
 TWOSTAGE_FIXED = {"batch_size": 1, "augment": None, "eval_crop": None, "ema": None, "sampling": None,
                   "n_instances": None, "input_size": None, "trainable_blocks": None, "grad_checkpointing": False}
 MERGED = ("aggregator_kw", "augment", "sampling")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be resolved; the message names the key and what to do."""
 
 
 def _merge(*layers: dict[str, Any]) -> dict[str, Any]:
@@ -340,35 +333,3 @@ def magnifications_used(spec: dict[str, Any]) -> list[int]:
     mags = set(spec["sampling"]["magnifications"]) if spec.get("sampling") else set()
     mags.add(spec["eval_magnification"])
     return sorted(mags)
-
-
-def load_config(path: str | Path) -> dict:
-    """A config file validated against the schema, defaults filled in, as the workflow sees it."""
-    import yaml
-    from snakemake.utils import validate
-
-    config = yaml.safe_load(Path(path).read_text())
-    validate(config, Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml")
-    return config
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m e2epath methods --config FILE [--task T] [--method M]`: the resolved
-    hyper-parameters of every task × method, as the training jobs receive them (JSON)."""
-    ap = argparse.ArgumentParser(prog="e2epath methods", description=cli.__doc__)
-    ap.add_argument("--config", required=True, type=Path)
-    ap.add_argument("--task", default=None, help="only this task")
-    ap.add_argument("--method", default=None, help="only this method")
-    a = ap.parse_args(argv)
-    try:
-        resolved = resolve(load_config(a.config))
-    except (ConfigError, OSError) as err:
-        print(f"{a.config}: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - snakemake's schema error: say it without a traceback
-        print(f"{a.config}: {err}", file=sys.stderr)
-        return 2
-    out = {t: {m: s for m, s in ms.items() if a.method in (None, m)} for t, ms in resolved.items()
-           if a.task in (None, t)}
-    print(json.dumps(out, indent=1, sort_keys=True))
-    return 0

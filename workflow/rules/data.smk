@@ -3,23 +3,23 @@
 
 rule splits:
     input:
-        labels=lambda w: TASKS[w.task]["labels"],
+        labels=task_labels,
         slides=layout.QC_TABLE,
     output:
         out=layout.SPLITS,
     params:
         step="splits",
         task="{task}",
-        task_type=lambda w: TASKS[w.task]["type"],
+        task_type=task_type,
         mode=config["splits"]["mode"],
         k=config["splits"]["k"],
         val_fraction=config["splits"]["val_fraction"],
         holdout=config["splits"]["holdout"],
         seed=config["seed"],
     log:
-        "results/logs/splits/{task}.log",
+        layout.log("splits/{task}"),
     benchmark:
-        "results/benchmarks/splits/{task}.tsv"
+        layout.benchmark("splits/{task}")
     conda:
         "../../envs/train.yaml"
     resources:

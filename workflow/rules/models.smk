@@ -12,12 +12,12 @@ rule encoder_weights:
     params:
         step="encoder_weights",
         encoder="{encoder}",
-        arch=lambda w: ENCODER_SPECS[w.encoder]["arch"],
+        arch=encoder_arch,
         weights=record_weights,
     log:
-        "results/logs/encoder_weights/{source}/{encoder}.log",
+        layout.log("encoder_weights/{source}/{encoder}"),
     benchmark:
-        "results/benchmarks/encoder_weights/{source}/{encoder}.tsv"
+        layout.benchmark("encoder_weights/{source}/{encoder}")
     conda:
         "../../envs/train.yaml"
     resources:

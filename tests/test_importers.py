@@ -1,4 +1,4 @@
-"""`python -m e2epath cohort`: public cohorts' downloads → a sample sheet and label tables the
+"""`python -m e2epath import`: public cohorts' downloads → a sample sheet and label tables the
 workflow accepts (GDC manifest + clinical TSV, PANDA, CAMELYON16/17)."""
 from __future__ import annotations
 
@@ -129,6 +129,6 @@ def test_panda_and_camelyon(tmp_path):
 
 
 def test_cohort_is_a_step():
-    res = subprocess.run([sys.executable, "-m", "e2epath", "cohort", "gdc", "--help"], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "e2epath", "import", "gdc", "--help"], capture_output=True,
                          text=True, cwd=ROOT)
     assert res.returncode == 0 and "--manifest" in res.stdout and "--case-pattern" in res.stdout
