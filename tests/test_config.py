@@ -109,3 +109,70 @@ def test_sheet_mpp_must_be_positive(tmp_path):
     (tmp_path / "slides.tsv").write_text("\n".join(text) + "\n")
     with pytest.raises(sheets.SheetError, match=r"row 3: mpp '-1' of 'S2'"):
         sheets.validate_all(config)
+
+
+# ------------------------------------------------------------------ one resolved config, three readers
+# Each bad config: what is changed on a valid one, and the words the refusal must contain. The
+# workflow (`snakemake -n`), `python -m e2epath check --config` and — for what is wrong with the
+# config itself rather than with its sample sheets — `python -m e2epath methods --config` refuse it
+# with the same message (e2epath.config.resolve is the one place that decides).
+def _method(c, **keys):
+    c["e2e"]["methods"]["m"].update(keys)
+
+
+def _twostage(c, **section):
+    c["twostage"] = {"encoders": ["resnet18"], "methods": {"t": {"aggregator": "abmil"}}, **section}
+
+
+BAD_CONFIGS = {
+    "unpatched magnification": (lambda c: c.update(preprocess={"magnifications": [10]}),
+                                "reads [5]x patches for task 'subtype'", True),
+    "ratios that do not sum to 1": (lambda c: _method(c, sampling={"magnifications": [10, 5], "ratios": [0.5, 0.3]}),
+                                    "sampling.ratios must sum to 1", True),
+    "two-stage encoder not extracted": (lambda c: _twostage(c, methods={"t": {"encoder": "uni", "aggregator": "abmil"}}),
+                                        "encoder 'uni' is not in twostage.encoders ['resnet18']", True),
+    "foundation model without weights": (lambda c: (_twostage(c, encoders=["uni"]), c.update(encoders={"uni": {"weights": None}})),
+                                         "uni is a foundation model", True),
+    "oversampled survival": (lambda c: c["tasks"]["surv"].update(oversample=2.0),
+                             "oversample is for classification and grading tasks", True),
+    "selection metric of another task type": (lambda c: c["tasks"]["subtype"].update(select_on="c_index"),
+                                              "select_on 'c_index' is not a classification metric", True),
+    "sweep of no method": (lambda c: c.update(sweeps={"grid": {"base": "nope", "grid": {"epochs": [1, 2]}}}),
+                           "base method 'nope' is not a method", True),
+    "unknown key": (lambda c: c["e2e"]["methods"]["m"].update(epoch=3), "'epoch' was unexpected", True),
+    "label of a case without slides": (lambda c: Path(c["tasks"]["subtype"]["labels"]).write_text(
+        "case_id,label\nC1,a\nC2,b\nC9,a\n"), "case 'C9' has no slide in the sample sheet", False),
+    "cohort labels of no task": (lambda c: c.update(cohorts={"ext": {"samples": c["samples"],
+                                                                     "labels": {"grade": c["tasks"]["surv"]["labels"]}}}),
+                                 "'grade' is not a task of the config", False),
+}
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_is_refused_alike_by_the_workflow_check_and_methods(tmp_path, case):
+    mutate, message, config_level = BAD_CONFIGS[case]
+    config = write_sheet_cohort(tmp_path / "in")
+    ok = subprocess.run([sys.executable, "-m", "e2epath", "check", "--config", str(_write(tmp_path, config))],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr  # valid before the change: the refusal below is the change's
+    mutate(config)
+    path = _write(tmp_path, config)
+    workflow = dry_run(tmp_path, config)
+    assert workflow.returncode != 0 and message in workflow.stdout + workflow.stderr, workflow.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+    check = subprocess.run([sys.executable, "-m", "e2epath", "check", "--config", str(path)], capture_output=True,
+                           text=True, cwd=tmp_path)
+    assert check.returncode == 1 and message in check.stderr, check.stderr
+    methods = subprocess.run([sys.executable, "-m", "e2epath", "methods", "--config", str(path)], capture_output=True,
+                             text=True, cwd=tmp_path)
+    if config_level:
+        assert methods.returncode == 2 and message in methods.stderr, methods.stderr
+    else:  # the sample sheets and label tables are `check`'s: methods prints a config before its data is there
+        assert methods.returncode == 0, methods.stderr
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -21,9 +21,15 @@ def test_readme_has_exactly_two_commands():
     assert commands[1].endswith("python -m pytest")
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_in_tiers():
+    """CI installs the README's test environment as written, then runs its whole suite in two tiers
+    whose markers, together, select every test (a test marked neither runs in the fast tier)."""
+    install, _, pytest_command = readme_commands()[1].rpartition(" && ")
     ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
-    assert readme_commands()[1] in ci
+    assert install in ci
+    tiers = [line for line in ci if line.startswith(pytest_command)]
+    assert any(t.endswith('-m "not workflow and not slurm"') for t in tiers), tiers
+    assert any(t.endswith('-m "workflow or slurm"') for t in tiers), tiers
 
 
 def test_readme_benchmarks_come_from_bench_scripts():

@@ -20,8 +20,10 @@ import pandas as pd
 import pytest
 import yaml
 
+import tiny_run
 from e2epath.core.layout import RUN_DIR
 from helpers import ROOT, tiny_config
+from tiny_run import BAD
 
 pytestmark = pytest.mark.workflow
 
@@ -33,9 +35,7 @@ def snakemake(run: Path, config: dict, *args: str, timeout: int = 1500,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cfg = run / f"config-{abs(hash(json.dumps(config, sort_keys=True)))}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(run),
-           "--configfile", str(cfg), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return tiny_run.snakemake(run, *args, config=cfg, timeout=timeout, env=env)
 
 
 def planned(run: Path, config: dict) -> dict[str, int]:
@@ -48,28 +48,15 @@ def planned(run: Path, config: dict) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] not in ("total", "all")}
 
 
-BAD = {"BAD-TEXT": b"this is not a slide\n", "BAD-TRUNC": None}  # None: a truncated real slide
-
-
-def add_bad_slides(demo: Path) -> None:
-    """Two broken files in the cohort, on existing cases: the run must still complete."""
-    sheet = pd.read_csv(demo / "slides.tsv", sep="\t", dtype=str)
-    rows = []
-    for i, (slide, data) in enumerate(BAD.items()):
-        data = data if data is not None else (demo / "slides/DEMO-S001.svs").read_bytes()[:20000]
-        (demo / f"slides/{slide}.svs").write_bytes(data)
-        rows.append({"slide_id": slide, "path": f"slides/{slide}.svs", "case_id": sheet.loc[i, "case_id"]})
-    pd.concat([sheet, pd.DataFrame(rows)]).to_csv(demo / "slides.tsv", sep="\t", index=False)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    """The tiny run (tests/tiny_run.py): the one CI built with README command 1's environment
+    (E2EPATH_TINY_RUN), or a new one. Tests that change it put it back as they found it."""
+    given = os.environ.get("E2EPATH_TINY_RUN")
+    if given:
+        return Path(given)
     run = tmp_path_factory.mktemp("run")
-    res = snakemake(run, TINY, "--cores", "2", "resources/demo/slides.tsv")
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    add_bad_slides(run / "resources/demo")
-    res = snakemake(run, TINY, "--cores", "2", "all")  # no --keep-going
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    tiny_run.build(run)
     return run
 
 
@@ -527,13 +514,15 @@ def test_predict_on_raw_slides_equals_the_workflows_predictions(run, tmp_path, c
     assert refused["status"] == "refused" and "40x" in refused["reason"] and "unavailable" in refused["reason"]
     assert json.loads((mixed / "BAD-TEXT.json").read_text())["status"] == "refused"
     assert twenty in caplog.text
-    # a model file from before the preprocessing was recorded
-    del record["preprocess"]
-    torch.save(record, tmp_path / "old.pt")
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert predict.cli(["--model", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old"), path]) == 2
-    assert "old.pt: written before e2epath recorded the preprocessing" in caplog.text and "Retrain" in caplog.text
+    # a model file of another format, and one that lost what new slides are prepared with
+    for name, change in (("old.pt", {"format_version": 1}), ("cut.pt", {"preprocess": None})):
+        damaged = {k: v for k, v in {**record, **change}.items() if v is not None}
+        torch.save(damaged, tmp_path / name)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert predict.cli(["--model", str(tmp_path / name), "--out", str(tmp_path / "old"), path]) == 2
+        assert f"{name}: " in caplog.text and "Retrain" in caplog.text
+    assert "without preprocess" in caplog.text
 
 
 def test_the_readme_predict_command_runs_on_a_raw_demo_slide(run):

@@ -75,6 +75,11 @@ def slide_minutes(step):
     return lambda wildcards: MINUTES_PER_SLIDE[step] * (len(shard_slides(wildcards)) if "shard" in wildcards.keys() else 1)
 
 
+def job_threads(wildcards, threads):
+    """The job's cores, as a params value: the threads a patch or feature job reads or decodes with."""
+    return threads
+
+
 def training_mb(wildcards, attempt):
     return TRAINING_MB[FAMILY[wildcards.method]] * attempt
 

@@ -15,7 +15,7 @@ rule extract_features:
         weights=feature_weights,  # imagenet, hf:..., a file; left out: random initialisation
         batch_size=config["twostage"]["batch_size"],
         seed=config["seed"],
-        workers=lambda w, threads: threads,  # JPEG decoding overlaps the encoder
+        workers=job_threads,  # JPEG decoding overlaps the encoder
     log:
         layout.log("extract_features/{encoder}/{mag}x/{slide}"),
     benchmark:

@@ -67,7 +67,7 @@ rule patch:
         mpp_tolerance=config["preprocess"]["mpp_tolerance"],
         allow_upsample=config["preprocess"]["allow_upsample"],
         jpeg_quality=config["preprocess"]["jpeg_quality"],
-        threads=lambda w, threads: threads,  # windows decoded in parallel
+        threads=job_threads,  # windows decoded in parallel
     log:
         layout.log("patch/{mag}x/{slide}"),
     benchmark:

@@ -41,7 +41,7 @@ def check(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="e2epath check", description=check.__doc__)
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--config", type=Path, help="a config file (config/README.md)")
-    what.add_argument("--samples", help="a sample sheet (TSV: slide_id, path, case_id[, mpp])")
+    what.add_argument("--samples", help=f"a sample sheet (TSV: {sheets.SHEET_HELP})")
     ap.add_argument("--directory", type=Path, default=None,
                     help="the run directory the config's relative paths start from (default: here; as "
                          "snakemake --directory)")

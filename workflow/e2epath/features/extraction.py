@@ -10,7 +10,7 @@ encoder's device). Features are stored as float16 with the
 patches' level-0 coordinates. The next batches are decoded in background threads while the
 encoder runs (OpenCV releases the GIL), in a fixed order, so the output does not depend on the
 thread count. A slide without usable patches still gets a file: status ``skipped`` (or
-``failed`` when a patch cannot be decoded) and a message; train_mil leaves it out.
+``failed`` when a patch cannot be decoded) and a message; two-stage training leaves it out.
 """
 from __future__ import annotations
 

@@ -26,10 +26,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from e2epath.core import seeds
-from e2epath.train.attention import read_heads, slide_ids
 from e2epath.core.layout import Run
 from e2epath.figures.common import FigureSkipped
 from e2epath.slide.reader import SlideError, open_slide, read_at_mpp
+from e2epath.train.attention import read_heads, slide_ids
 
 logger = logging.getLogger(__name__)
 

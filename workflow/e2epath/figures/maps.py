@@ -41,9 +41,9 @@ from tqdm import tqdm
 from e2epath.core.io import read_json, read_records, replace_dir, write_bytes
 from e2epath.core.layout import MAPS_INDEX, PATCH_STORE, PREDICT_FILES, TISSUE_CONTOURS
 from e2epath.figures.heatmaps import MIN_MAP_MPP, patch_montage, slide_heatmap, tissue_rings, write_geojson
-from e2epath.train.attention import read_heads, slide_ids
 from e2epath.preprocess.store import LmdbReader, close_all
 from e2epath.slide.reader import SlideError
+from e2epath.train.attention import read_heads, slide_ids
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import pandas as pd
 
 from e2epath.core.io import atomic_path
 from e2epath.core.vocabulary import ID_RE, ID_RULE
-from e2epath.sources.sheets import load_labels, load_samples
+from e2epath.sources.sheets import SHEET_REQUIRED, label_columns, load_labels, load_samples
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def write_sheet(out: Path, slides: pd.DataFrame, labels: dict[str, tuple[str, pd
     sheet["path"] = [_relative(Path(p), out) for p in sheet["path"]]
     written = {"samples": out / "slides.tsv"}
     with atomic_path(written["samples"]) as tmp:
-        sheet[["slide_id", "path", "case_id"]].to_csv(tmp, sep="\t", index=False)
+        sheet[list(SHEET_REQUIRED)].to_csv(tmp, sep="\t", index=False)
     for task, (_, table) in labels.items():
         written[task] = out / "labels" / f"{task}.csv"
         written[task].parent.mkdir(parents=True, exist_ok=True)
@@ -296,9 +296,9 @@ def panda(a: argparse.Namespace) -> dict[str, Path]:
         if not a.skip_missing:
             raise ImporterError(msg + "; finish the download or pass --skip-missing")
         logger.warning("%s; left out (--skip-missing)", msg)
-    slides = pd.DataFrame(rows, columns=["slide_id", "path", "case_id"])
+    slides = pd.DataFrame(rows, columns=list(SHEET_REQUIRED))
     _check_slide_ids(slides, str(a.csv))
-    labels = table.rename(columns={"image_id": "case_id", "isup_grade": "label"})[["case_id", "label"]]
+    labels = table.rename(columns={"image_id": "case_id", "isup_grade": "label"})[list(label_columns("grading"))]
     return write_sheet(a.out, slides, {a.task: ("grading", labels)})
 
 

@@ -15,6 +15,16 @@ from e2epath.core.vocabulary import ID_RE, ID_RULE
 
 logger = logging.getLogger(__name__)
 
+# A sample sheet (TSV): one row per slide; `mpp` (µm per pixel) is optional, for slides that do not say.
+SHEET_COLUMNS = ("slide_id", "path", "case_id", "mpp")
+SHEET_REQUIRED = SHEET_COLUMNS[:3]
+SHEET_HELP = "slide_id, path, case_id[, mpp]"
+
+
+def label_columns(task_type: str) -> tuple[str, ...]:
+    """The columns of a task's label table (CSV): one row per case."""
+    return ("case_id", "time", "event") if task_type == "survival" else ("case_id", "label")
+
 
 class SheetError(ValueError):
     """One or more problems in the sample sheet or a label table."""
@@ -50,13 +60,12 @@ def load_samples(path: str | Path, check_files: bool = True) -> pd.DataFrame:
     path = Path(path)
     df = _read_table(path, "\t")
     where = str(path)
-    missing = [c for c in ("slide_id", "path", "case_id") if c not in df.columns]
+    missing = [c for c in SHEET_REQUIRED if c not in df.columns]
     if missing:
         raise SheetError([f"{where}: missing column(s) {', '.join(missing)}; a sample sheet is "
-                          "tab-separated with slide_id, path, case_id and optional mpp"])
-    extra = sorted(set(df.columns) - {"slide_id", "path", "case_id", "mpp"})
-    problems: list[str] = [f"{where}: unknown column {c!r}; allowed: slide_id, path, case_id, mpp"
-                           for c in extra]
+                          f"tab-separated with columns {SHEET_HELP}"])
+    extra = sorted(set(df.columns) - set(SHEET_COLUMNS))
+    problems: list[str] = [f"{where}: unknown column {c!r}; allowed: {', '.join(SHEET_COLUMNS)}" for c in extra]
     _check_ids(df, "slide_id", where, problems, unique=True)
     _check_ids(df, "case_id", where, problems, unique=False)
     df["path"] = [str((path.parent / p).resolve()) if isinstance(p, str) else p for p in df["path"]]
@@ -88,7 +97,7 @@ def load_labels(path: str | Path, task: str, task_type: str, cases: set[str] | N
     path = Path(path)
     df = _read_table(path, ",")
     where = f"{path} (task {task!r})"
-    cols = ["case_id", "time", "event"] if task_type == "survival" else ["case_id", "label"]
+    cols = list(label_columns(task_type))
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise SheetError([f"{where}: missing column(s) {', '.join(missing)}; a {task_type} table "

@@ -5,7 +5,6 @@ int32 level-0 x, y of its patches. Training and cohort prediction write it, figu
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np

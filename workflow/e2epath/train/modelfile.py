@@ -54,9 +54,13 @@ def read_model(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a readable e2epath model file ({type(err).__name__}: {err})") from err
     if not isinstance(rec, dict) or "spec" not in rec or "model" not in rec:
         raise ModelFileError(f"{path}: not an e2epath model file (results/{{e2e,twostage}}/TASK/METHOD/foldK/model.pt)")
-    if rec.get("format_version") != MODEL_FORMAT or any(k not in rec for k in REQUIRED):
+    if rec.get("format_version") != MODEL_FORMAT:
         raise ModelFileError(f"{path}: written in model-file format {rec.get('format_version')}, this e2epath reads "
                              f"format {MODEL_FORMAT}. Retrain it with this version: snakemake reruns its training job")
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        raise ModelFileError(f"{path}: a model file without {', '.join(missing)} (damaged, or edited by hand). Retrain "
+                             "it: delete it and snakemake reruns its training job")
     return rec
 
 

@@ -14,7 +14,6 @@ from e2epath.sources.demo.cohort import OWN_ENTRIES, cli, write, write_external,
 from e2epath.sources.demo.design import (
     CLASSES,
     PEN_COLOURS,
-    SHEET_COLUMNS,
     SLIDE_UM,
     SlideSpec,
     design,
@@ -51,7 +50,7 @@ from e2epath.sources.demo.scanners import (
 
 __all__ = [
     "BACKGROUND", "CANVAS_MPP", "CLASSES", "DEMO_SCANNER", "DEMO_STAIN", "EOSIN", "EXTERNAL_SCANNER", "EXTERNAL_STAIN",
-    "HEMATOXYLIN", "MASK_MPP", "OWN_ENTRIES", "PEN_COLOURS", "SCANNERS", "SHEET_COLUMNS", "SIGNAL_BUDGET", "SLIDE_UM",
+    "HEMATOXYLIN", "MASK_MPP", "OWN_ENTRIES", "PEN_COLOURS", "SCANNERS", "SIGNAL_BUDGET", "SLIDE_UM",
     "TRUTH_MPP", "TUMOUR_CYTOPLASM", "TUMOUR_NUCLEI", "RenderedSlide", "Scanner", "SlideSpec", "Stain", "cli",
     "design", "design_external", "plan", "plan_external", "render_slide", "sheet", "subtype_labels",
     "survival_labels", "truth_mask", "write", "write_external", "write_slide",

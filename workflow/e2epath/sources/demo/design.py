@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from e2epath.sources.demo.scanners import DEMO_SCANNER, EXTERNAL_SCANNER, SCANNERS, Scanner
+from e2epath.sources.sheets import SHEET_COLUMNS, label_columns
 
-SHEET_COLUMNS = ["slide_id", "path", "case_id", "mpp"]
 CLASSES = ("negative", "positive")  # sorted as strings: "positive" is the second class
 SLIDE_UM = (2000.0, 1500.0)  # physical width, height of a slide at scale 1
 PEN_COLOURS = {"green": (40, 150, 80), "blue": (40, 70, 180), "black": (45, 45, 55)}
@@ -168,7 +168,7 @@ def _design(n_slides: int, seed: int, scanner: Scanner, kind_of: Callable[[int],
 def sheet(specs: list[SlideSpec]) -> pd.DataFrame:
     """The sample sheet of ``specs`` (``SHEET_COLUMNS``; ``path`` relative to the sheet's folder)."""
     rows = [(s.slide_id, s.path, s.case_id, s.sheet_mpp) for s in specs]
-    return pd.DataFrame(rows, columns=SHEET_COLUMNS).astype({"mpp": float})
+    return pd.DataFrame(rows, columns=list(SHEET_COLUMNS)).astype({"mpp": float})
 
 
 def plan(n_slides: int, seed: int) -> pd.DataFrame:
@@ -195,7 +195,7 @@ def subtype_labels(specs: list[SlideSpec]) -> pd.DataFrame:
     for s in specs:
         pos[s.case_id] = pos.get(s.case_id, False) or s.positive
     rows = [(c, CLASSES[int(p)]) for c, p in sorted(pos.items())]
-    return pd.DataFrame(rows, columns=["case_id", "label"])
+    return pd.DataFrame(rows, columns=label_columns("classification"))
 
 
 def survival_labels(specs: list[SlideSpec], seed: int) -> pd.DataFrame:
@@ -208,4 +208,4 @@ def survival_labels(specs: list[SlideSpec], seed: int) -> pd.DataFrame:
         if not event:
             t *= rng.uniform(0.2, 0.9)  # censored before the event would have happened
         rows.append((case_id, round(max(t, 0.5), 2), event))
-    return pd.DataFrame(rows, columns=["case_id", "time", "event"])
+    return pd.DataFrame(rows, columns=label_columns("survival"))
