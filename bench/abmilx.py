@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/abmilx.py                 # full run (several minutes on 2 cores)
     .venv/bin/python bench/abmilx.py --sizes 512 10000 --skip-train
+    .venv/bin/python bench/abmilx.py --quick         # N = 256, one train pair on 16 patches of 32 px: a smoke test
 
 Each measurement runs in a fresh subprocess (2 torch threads, CPU) so that its peak memory is
 its own: extra memory = max RSS after the measurement − max RSS before it (model and input
@@ -12,6 +13,7 @@ with a one-wide value, which materialises N × N scores (skipped at 10^5: it wou
 AdamW step on one bag of 512 patches, 64 × 64 by default on CPU (224 × 224 is too slow on 2
 cores); ABMIL and ABMILX steps alternate in one process and the median of the paired ratios is
 reported. Results are ratios measured in the same run; on a shared machine treat them as rough.
+A measurement that fails is shown as "error" (its traceback on stderr) and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def build(name: str, in_dim: int = IN_DIM):
     """ABMILX / ABMIL with the benchmark's sizes; "naive" is ABMILX with the published product."""
     import torch
 
-    from e2epath.models import abmilx, build_aggregator
+    from e2epath.models import abmilx
+    from e2epath.models.aggregators import build_aggregator
     torch.manual_seed(0)
     if name == "naive":
         abmilx.propagate_attention = naive_propagate
@@ -78,7 +81,7 @@ def train_worker(patches: int, size: int, pairs: int = 3) -> dict:
 
     import torch
 
-    from e2epath.models import build_encoder
+    from e2epath.models.weights import build_encoder
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", None).train()  # BatchNorm in train mode, as in E2E training
     images = torch.randn(patches, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -127,6 +130,7 @@ def run_worker(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
+        print(done.stderr, file=sys.stderr, flush=True)
         lines = done.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,7 +148,14 @@ def ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['seconds'] / b['seconds']:.2f}"
 
 
-def forward_table(sizes: list[int]) -> list[str]:
+def failed(results: list[dict | None]) -> int:
+    """How many of the measurements ended in an error."""
+    return sum(1 for r in results if r and "error" in r)
+
+
+def forward_table(sizes: list[int]) -> tuple[list[str], int]:
+    """The forward table's Markdown rows, and how many measurements failed."""
+    errors = 0
     rows = ["| N | ABMILX s | ABMILX extra MB | ABMIL s | ABMIL extra MB | naive s | naive extra MB "
             "| ABMILX / ABMIL | naive / ABMILX |", "|---" * 9 + "|"]
     for n in sizes:
@@ -156,16 +167,18 @@ def forward_table(sizes: list[int]) -> list[str]:
                  for key, spec in (("seconds", ".3f"), ("extra_mb", ".0f"))]
         cells += [ratio(res["abmilx"], res["abmil"]), ratio(res["naive"], res["abmilx"])]
         rows.append(f"| {n} | " + " | ".join(cells) + " |")
-    return rows
+        errors += failed(list(res.values()))
+    return rows, errors
 
 
-def train_table(patches: int, size: int, pairs: int) -> list[str]:
+def train_table(patches: int, size: int, pairs: int) -> tuple[list[str], int]:
+    """The train-step table's lines, and how many measurements failed (0 or 1)."""
     res = run_worker({"kind": "train", "patches": patches, "size": size, "pairs": pairs})
     print(f"  train: {res}", file=sys.stderr, flush=True)
     head = (f"E2E train step (forward + backward + AdamW), ResNet-18 random init, one bag of {patches} "
             f"patches of {size}×{size}, CPU {THREADS} threads, {pairs} alternating pairs after warm-up:")
     if "error" in res:
-        return [head, "", f"error: {res['error']}"]
+        return [head, "", f"error: {res['error']}"], 1
     return [head, "", "| ABMIL step s | ABMILX step s | ratio (best steps) | ratio (median of pairs) "
             "| ABMIL alone s | ABMILX alone s | ratio implied |", "|---|---|---|---|---|---|---|",
             f"| {res['abmil_s']:.2f} | {res['abmilx_s']:.2f} | {res['ratio_min']:.3f} "
@@ -173,7 +186,7 @@ def train_table(patches: int, size: int, pairs: int) -> list[str]:
             f"| {res['ratio_implied']:.3f} |", "",
             "step s: best of the alternating steps; alone: the aggregator's forward + backward on fixed "
             "features (best of 10); ratio implied = (ABMIL step + ABMILX alone − ABMIL alone) / "
-            "ABMIL step."]
+            "ABMIL step."], 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-size", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=5, help="alternating ABMIL/ABMILX train steps")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="N = 256 and one train pair on 16 patches of 32 px: a smoke test")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.patches, args.patch_size, args.pairs = [256], 16, 32, 1
     if args.worker:
         import torch
         torch.set_num_threads(THREADS)
@@ -196,14 +213,19 @@ def main(argv: list[str] | None = None) -> int:
             result = train_worker(spec["patches"], spec["size"], spec["pairs"])
         print(json.dumps(result))
         return 0
-    lines = []
+    lines, errors = [], 0
     if args.sizes:
+        rows, errors = forward_table(args.sizes)
         lines += [f"Forward, eval/no_grad, CPU {THREADS} threads, in_dim {IN_DIM}, inner {INNER}, "
-                  f"{HEADS} heads (time: best of repeats):", "", *forward_table(args.sizes)]
+                  f"{HEADS} heads (time: best of repeats):", "", *rows]
     if not args.skip_train:
-        lines += ["", *train_table(args.patches, args.patch_size, args.pairs)]
+        train, train_errors = train_table(args.patches, args.patch_size, args.pairs)
+        lines += ["", *train]
+        errors += train_errors
     print("\n".join(lines + ["", GOALS]), flush=True)
-    return 0
+    if errors:
+        print(f"{errors} measurement(s) failed", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

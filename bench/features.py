@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/features.py             # two rows: ResNet-50 (128 → 64 px), ViT-S/16 (256 → 224 px)
     .venv/bin/python bench/features.py --encoders resnet50 --patch-size 64 --n 256
+    .venv/bin/python bench/features.py --quick     # both rows on 32 patches of 48 → 32 px, 1 round: a smoke test
 
 One process, CPU, torch.set_num_threads(2). A real LMDB store of ``--n`` JPEG patches (smooth
 random textures, quality 90) is written to a temporary folder. Measured, interleaved over
@@ -46,8 +47,14 @@ from e2epath.preprocess.store import LmdbReader, LmdbWriter, encode_jpeg  # noqa
 GOAL = {"resnet50": 0.15, "vit_small": 0.10}
 # Per row: stored patch px, encoder input px, patches, batch size.
 ROWS = {"resnet50": (128, 64, 256, 64), "vit_small": (256, 224, 128, 32)}
+QUICK = {"resnet50": (48, 32, 32, 16), "vit_small": (48, 32, 32, 16)}
 VIT_SMALL = {"arch": "timm:vit_small_patch16_224", "dim": 384, "embedding": "cls",
              "kwargs": {"img_size": 224, "num_classes": 0}}
+
+
+def vit_small(input_size: int) -> dict:
+    """The ViT-S/16 encoder spec, its position embeddings sized for ``input_size`` px."""
+    return encoder_spec("vit_small", {**VIT_SMALL, "kwargs": {**VIT_SMALL["kwargs"], "img_size": input_size}})
 
 
 def write_store(path: Path, n: int, patch: int, seed: int = 0) -> LmdbReader:
@@ -86,7 +93,7 @@ def print_ratios(times: dict[str, list[float]], n: int, base: float, rate: str) 
 
 def bench(name: str, patch: int, input_size: int, n: int, batch_size: int, workers: int, rounds: int) -> float:
     """Print one encoder's table; return its best extraction overhead."""
-    spec = encoder_spec(name, VIT_SMALL) if name == "vit_small" else encoder_spec(name, {"input_size": input_size})
+    spec = vit_small(input_size) if name == "vit_small" else encoder_spec(name, {"input_size": input_size})
     encoder = features.build_frozen_encoder({**spec, "input_size": input_size}, None, 0, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(Path(tmp) / "bench.lmdb", n, patch)
@@ -119,11 +126,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="32 patches of 48 → 32 px per row, 1 round")
     a = ap.parse_args()
+    if a.quick:
+        a.rounds = 1
     torch.set_num_threads(2)
     cv2.setNumThreads(1)
     for name in a.encoders:
-        patch, size, n, batch = ROWS[name]
+        patch, size, n, batch = (QUICK if a.quick else ROWS)[name]
         bench(name, a.patch_size or patch, a.input_size or size, a.n or n, a.batch_size or batch, a.workers, a.rounds)
 
 

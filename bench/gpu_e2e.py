@@ -1,13 +1,13 @@
 """E2E training-step throughput: ResNet trunk + ABMILX on one bag of sampled patches per step.
 
-Runs the production step (`train.loop.train_epoch` on `train.e2e.E2EModel`, device-side
+Runs the production step (`train.loop.train_epoch` on `models.e2e.E2EModel`, device-side
 RandomResizedCrop + flips + normalisation from `transforms.resized_crops`, AMP + channels_last on CUDA)
 on synthetic uint8 bags, so it needs no results/ and no data. Prints train patches/s per encoder
 and, on CUDA, the ratio to the same step in fp32 without AMP (the baseline,
 measured in the same run). Goal on one H200: ≥ 5,300 train patches/s for ResNet-18.
 
     python bench/gpu_e2e.py                 # 512 patches per bag at 224 px (stored 256 px)
-    python bench/gpu_e2e.py --quick         # tiny sizes: a CPU smoke test
+    python bench/gpu_e2e.py --quick         # 2 steps on 16 patches of 32 px (stored 40): a CPU smoke test
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 from e2epath.data.transforms import resized_crops
-from e2epath.models import build_aggregator, build_encoder
-from e2epath.train.e2e import E2EModel
+from e2epath.models.aggregators import build_aggregator
+from e2epath.models.e2e import E2EModel
+from e2epath.models.weights import build_encoder
 from e2epath.train.loop import build_optimizer, train_epoch
 from e2epath.train.tasks import ClassificationTask
 
 
 def synthetic_batches(n_steps: int, bag: int, stored: int, size: int, dev: torch.device):
-    """What `train.e2e.sampled_batches` yields: augmented bags [1, S, 3, size, size] + targets."""
+    """What `train.e2e.sampled_batches` yields: (augmented bags [1, S, 3, size, size], no mask) + targets."""
     gen = torch.Generator().manual_seed(0)
     patches = torch.randint(0, 256, (bag, stored, stored, 3), dtype=torch.uint8, generator=gen)
     if dev.type == "cuda":
@@ -40,7 +41,7 @@ def synthetic_batches(n_steps: int, bag: int, stored: int, size: int, dev: torch
                          torch.rand(bag, generator=gen) < 0.5, torch.rand(bag, generator=gen) < 0.5], 1)
     for step in range(n_steps):
         x = resized_crops(patches.to(dev, non_blocking=True), boxes, size)
-        yield x[None], torch.tensor([step % 2])
+        yield (x[None], None), torch.tensor([step % 2])
 
 
 def run(encoder_name: str, args, dev: torch.device, amp: bool) -> float:
@@ -72,7 +73,7 @@ def _sync(dev: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="32 patches of 48 px (stored 64): CPU smoke test")
+    ap.add_argument("--quick", action="store_true", help="2 steps on 16 patches of 32 px (stored 40): CPU smoke test")
     ap.add_argument("--encoders", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--bag", type=int, default=512, help="patches per bag (one bag per step)")
     ap.add_argument("--size", type=int, default=224, help="input size after RandomResizedCrop")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.getLogger("e2epath").setLevel(logging.ERROR)  # "random init" warnings: known here
     if args.quick:
-        args.bag, args.size, args.stored, args.steps, args.warmup = 32, 48, 64, 3, 1
+        args.bag, args.size, args.stored, args.steps, args.warmup = 16, 32, 40, 2, 1
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/inference.py                  # 10^4 patches, ResNet-18 + ABMILX, 128 → 112 px (CPU)
     .venv/bin/python bench/inference.py --patch-size 256 --input-size 224   # the paper's setting (GPU)
+    .venv/bin/python bench/inference.py --quick          # 300 patches, 64 → 56 px, chunks of 128, 1 round: smoke test
 
 One process, torch.set_num_threads(2) on CPU. A real LMDB store of ``--n`` JPEG patches (128 px,
 smooth random textures, quality 90) is written to a temporary folder; a slide's bag of them goes
 through the path `python -m e2epath predict` and the test predictions take
-(`train.e2e.predict_bag`: JPEG decoding in background threads where cores are free — none beside
+(`train.inference.predict_bag`: JPEG decoding in background threads where cores are free — none beside
 torch's 2 threads on a 2-core machine —, crop or resize + normalise on the device,
 the encoder in chunks of ``--chunk``, ABMILX over all N instances). Measured, interleaved over
 ``--rounds`` rounds (median reported):
@@ -40,11 +41,13 @@ import torch  # noqa: E402
 
 from e2epath.core.devices import torch_device  # noqa: E402
 from e2epath.data.bags import Bag  # noqa: E402
+from e2epath.data.decoding import decode_threads_for  # noqa: E402
 from e2epath.data.transforms import model_inputs  # noqa: E402
-from e2epath.models import build_aggregator  # noqa: E402
-from e2epath.models.encoders import make_encoder
+from e2epath.models.aggregators import build_aggregator
+from e2epath.models.e2e import E2EModel  # noqa: E402
+from e2epath.models.encoders import make_encoder  # noqa: E402
 from e2epath.models.presets import encoder_spec  # noqa: E402
-from e2epath.train.e2e import E2EModel, decode_threads_for, predict_bag  # noqa: E402
+from e2epath.train.inference import predict_bag  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from features import print_ratios, write_store  # noqa: E402
@@ -85,7 +88,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256, help="patches per encoder call")
     ap.add_argument("--threads", type=int, default=None, help="decoding threads (default: predict_bag's choice)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="300 patches of 64 → 56 px, chunks of 128, 1 round")
     a = ap.parse_args()
+    if a.quick:
+        a.n, a.patch_size, a.input_size, a.chunk, a.rounds = 300, 64, 56, 128, 1
     dev = torch_device()
     if dev.type == "cpu":
         torch.set_num_threads(2)

@@ -11,6 +11,7 @@ process) and with 2 worker processes, and printed as a Markdown table with ratio
 
     python bench/loader.py                      # synthetic 256-px H&E-like stores in a temp dir
     python bench/loader.py --stores a.lmdb b.lmdb --magnifications 10 20   # your own stores
+    python bench/loader.py --quick              # 4 bags of 32 patches, 64-px stores of 128, best of 1: a smoke test
 """
 from __future__ import annotations
 
@@ -144,11 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-instances", type=int, default=512)
     ap.add_argument("--bags", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="best of")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 bags of 32 patches of 56 px from synthetic 64-px stores of 128 patches, best of 1")
     args = ap.parse_args(argv)
+    store_patches = 1024
+    if args.quick:
+        args.patch_size, args.input_size, args.n_instances, args.bags, args.repeats = 64, 56, 32, 4, 1
+        store_patches = 128
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        stores = args.stores or write_stores(Path(tmp), 4, 1024, args.patch_size)
+        stores = args.stores or write_stores(Path(tmp), 4, store_patches, args.patch_size)
         ds = make_dataset(stores, args.magnifications, args.bags, args.n_instances, args.input_size)
         half = len(ds) // 2
         keys = sampled_keys(ds, list(range(len(ds))))

@@ -1,8 +1,10 @@
 """Benchmark: 1000× bootstrap of the C-index and the AUC on n = 1000 cases — the vectorised
-multiplicity-matrix code of `e2epath.evaluate` against looping lifelines / scikit-learn over the
-same resample indices. Prints the times, the speed-up and the largest difference per resample.
+multiplicity-matrix code (`e2epath.core.metrics`, resampled by `e2epath.evaluate.bootstrap`)
+against looping lifelines / scikit-learn over the same resample indices. Prints the times, the
+speed-up and the largest difference per resample.
 
     PYTHONPATH=workflow python bench/metrics.py [--n 1000] [--n-boot 1000]
+    PYTHONPATH=workflow python bench/metrics.py --quick    # n = 200, 50 resamples: a smoke test
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import pandas as pd
 from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
+from e2epath.core import schema
+from e2epath.core.predictions import prepare
 from e2epath.evaluate import bootstrap as bs
-from e2epath.evaluate import metrics as m
 
 
 def _timed(fn):
@@ -37,11 +40,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="n = 200, 50 resamples: a smoke test")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.n_boot = 200, 50
     rng = np.random.default_rng(args.seed)
     ids = [f"case{i:05d}" for i in range(args.n)]
 
-    surv = m.prepare("survival", pd.DataFrame({
+    surv = prepare("survival", pd.DataFrame({
         "case_id": ids, "time": rng.integers(1, 120, args.n), "event": rng.integers(0, 2, args.n),
         "risk": rng.normal(size=args.n).round(2)}))
     idx = bs.resample_indices(surv.n, args.n_boot, args.seed)
@@ -53,14 +59,15 @@ def main() -> None:
 
     y = rng.integers(0, 2, args.n)
     p1 = np.clip(0.3 * y + rng.uniform(size=args.n), 0, 1).round(2)
-    cls = m.prepare("classification", pd.DataFrame({
+    cls = prepare("classification", pd.DataFrame({
         "case_id": ids, "label": np.where(y == 1, "pos", "neg"), "prob_neg": 1 - p1, "prob_pos": p1}))
     yb = cls.y == 1
     fast, t_fast = _timed(lambda: bs.resampled_metrics(cls, idx)["auc"])
     slow, t_slow = _timed(lambda: np.array([roc_auc_score(yb[r], cls.prob[r, 1]) for r in idx]))
     _report("AUC", cls.point()["auc"], roc_auc_score(yb, cls.prob[:, 1]), fast, t_fast, slow, t_slow)
 
-    _, t_all = _timed(lambda: bs.bootstrap(cls, args.n_boot, args.seed))
+    alpha = schema.default("evaluate", "alpha")
+    _, t_all = _timed(lambda: bs.bootstrap(cls, args.n_boot, args.seed, alpha))
     print(f"all 4 classification metrics, {args.n_boot} resamples incl. the draw: {t_all:.3f} s")
 
 

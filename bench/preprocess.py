@@ -1,7 +1,7 @@
 """Benchmark: patch packing throughput (patches/s) on demo-like slides written with slidewriter.
 
 (a) ours: ``patching.pack`` — coarsest adequate level, large windows sliced into patches, JPEG tiles
-    decoded directly where that gives OpenSlide's pixels (``e2epath.tiles``);
+    decoded directly where that gives OpenSlide's pixels (``e2epath.slide.tiles``);
 (a') the same packer with every read through OpenSlide (``E2EPATH_DIRECT_TILES=0``);
 (b) naive: one ``read_region`` per patch at the same level + cv2.resize + imencode + LMDB put;
 (c) level 0: one ``read_region`` per patch at level 0 + resize (what STAMP does), at 5x and 10x.
@@ -9,6 +9,7 @@ All three pack the same kept patches (same tissue mask) into a real LMDB. Then o
 processes packing several slides. Prints a Markdown table with the ratios a/b, a/c and 2p/1p.
 
     PYTHONPATH=workflow python bench/preprocess.py [--repeats 2] [--scale 1.0]
+    PYTHONPATH=workflow python bench/preprocess.py --quick    # slides at 1/4 size, best of 1: a smoke test
 """
 from __future__ import annotations
 
@@ -139,7 +140,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs per cell")
     ap.add_argument("--scale", type=float, default=1.0, help="slide size factor")
     ap.add_argument("--threads", type=int, default=2, help="also time ours with this many threads")
+    ap.add_argument("--quick", action="store_true", help="slides at 1/4 size, best of 1: a smoke test")
     a = ap.parse_args()
+    if a.quick:
+        a.scale, a.repeats = 0.25, 1
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -167,7 +171,7 @@ def main() -> None:
             print(f"| {mag}x | {len(usable)} | {n_total} | {pa:.0f} | {pt:.0f} | {po:.0f} | {pb:.0f} | {c_cells[0]} "
                   f"| {pa / pb:.2f} | {po / pb:.2f} | {c_cells[1]} |")
         mag = 20
-        jobs = [(s, mag, str(d / f"p{i}.lmdb")) for i, s in enumerate(slides)] * 2
+        jobs = [(s, mag, str(d / f"p{i}.lmdb")) for i, s in enumerate(slides * 2)]  # one writer per store
         t0 = time.perf_counter()
         n1 = sum(map(_pack_all, jobs))
         t1 = time.perf_counter() - t0

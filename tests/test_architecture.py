@@ -8,6 +8,7 @@ import argparse
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from e2epath import models
 from e2epath.__main__ import STEPS
 from e2epath.core import layout, predictions, vocabulary
-from e2epath.models import presets
+from e2epath.models import aggregators, presets
 from e2epath.models.weights import ARCHITECTURES
 from e2epath.preprocess.tissue import PRESETS
 from e2epath.train.loop import OPTIMIZER_CLASSES
@@ -96,6 +96,16 @@ def test_the_architecture_doc_shows_the_stages_as_they_are():
     assert {p.name for p in PACKAGE_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(STAGES)
 
 
+def test_parsing_the_workflow_imports_no_torch():
+    """The Snakefile resolves the config at every invocation (and, on SLURM, in every job): what it
+    imports stays light — torch alone costs seconds."""
+    code = ("import sys; import e2epath.config.resolve, e2epath.core.devices, e2epath.train.recipe; "
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'cv2', 'openslide') if m in sys.modules); "
+            "sys.exit(', '.join(heavy) or None)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "workflow", capture_output=True, text=True)
+    assert res.returncode == 0, f"parsing the workflow imports {res.stderr.strip()}"
+
+
 def test_the_import_check_finds_a_backward_import(tmp_path):
     pkg = tmp_path / "e2epath"
     for sub in ("core", "preprocess", "train", "figures"):
@@ -129,7 +139,7 @@ def test_schema_enums_are_the_package_constants():
     assert tuple(props["encoders"]["additionalProperties"]["properties"]["embedding"]["enum"]) == presets.EMBEDDINGS
     assert tuple(props["encoders"]["additionalProperties"]["properties"]["dtype"]["enum"]) == presets.DTYPES
     assert set(ARCHITECTURES) <= set(presets.PRESETS)
-    assert tuple(method["aggregator"]["enum"]) == vocabulary.AGGREGATORS == tuple(models.AGGREGATORS)
+    assert tuple(method["aggregator"]["enum"]) == vocabulary.AGGREGATORS == tuple(aggregators.AGGREGATORS)
     assert props["cohorts"]["propertyNames"]["not"]["const"] == vocabulary.INTERNAL  # the training cohort's name
     assert tuple(method["optimizer"]["enum"]) == vocabulary.OPTIMIZERS == tuple(OPTIMIZER_CLASSES)
     assert tuple(method["eval_crop"]["enum"]) == vocabulary.EVAL_CROPS

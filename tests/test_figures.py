@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 
 from e2epath.core.layout import Run
 from e2epath.figures import cli_qc, cli_task, heatmaps, roc, survival
-from e2epath.train import attention
 from e2epath.sources.slidewriter import write_generic_tiff
+from e2epath.train import attention
 from helpers import write_run
 
 METHODS = [("e2e", "r18_abmilx"), ("e2e", "r18_abmil"), ("twostage", "ts_abmil")]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from e2epath.models import AGGREGATORS, build_aggregator, build_encoder
 from e2epath.models.abmilx import ABMILX, AttentionPlus, propagate_attention
-from e2epath.models.weights import cli_weights, fetch_imagenet, imagenet_checkpoint_paths, weights_record
+from e2epath.models.aggregators import AGGREGATORS, build_aggregator
+from e2epath.models.weights import build_encoder, cli_weights, fetch_imagenet, imagenet_checkpoint_paths, weights_record
 
 IN_DIM, N_CLASSES = 24, 3
 SMALL = {"abmilx": {"inner_dim": 16, "n_heads": 4}, "transmil": {"inner_dim": 16, "n_heads": 4}}

@@ -23,10 +23,11 @@ from e2epath.core.predictions import task_metrics
 from e2epath.data.bags import MultiScaleBagDataset, load_bags
 from e2epath.data.splits import make_splits
 from e2epath.data.transforms import crop_boxes, resized_crops
-from e2epath.models import build_aggregator, build_encoder
-from e2epath.models.presets import resolve_encoders
-from e2epath.train import e2e, job
+from e2epath.models.aggregators import build_aggregator
 from e2epath.models.e2e import E2EModel
+from e2epath.models.presets import resolve_encoders
+from e2epath.models.weights import build_encoder
+from e2epath.train import e2e, job
 from e2epath.train.e2e import sampled_batches
 from e2epath.train.inference import predict_bag
 from e2epath.train.job import balanced_order
@@ -560,7 +561,7 @@ def test_e2e_trains_a_timm_vit_with_its_last_block_only(cohort, tmp_path):
     assert spec["input_size"] == 32 and spec["encoder_spec"]["mean"] == [0.7, 0.6, 0.7]
     assert e2e.cli(cli_args(cohort, tmp_path, spec)) == 0
     saved = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
-    from e2epath.models import build_encoder
+    from e2epath.models.weights import build_encoder
 
     initial = build_encoder(spec["encoder_spec"], None, seed=0).state_dict()  # the job's seed: same init
     trained = {k.removeprefix("encoder."): v for k, v in saved["model"].items() if k.startswith("encoder.")}

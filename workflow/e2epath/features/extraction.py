@@ -32,9 +32,8 @@ from e2epath.core.vocabulary import MAGNIFICATIONS
 from e2epath.data.decoding import PatchBatches
 from e2epath.data.transforms import model_inputs
 from e2epath.features.files import record, write_features
-from e2epath.models import build_encoder
 from e2epath.models.presets import PRESETS, EncoderError, encoder_spec
-from e2epath.models.weights import weights_record
+from e2epath.models.weights import build_encoder, weights_record
 from e2epath.preprocess import shards
 from e2epath.preprocess.store import LmdbReader
 

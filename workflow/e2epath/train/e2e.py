@@ -21,9 +21,9 @@ from e2epath.data.bags import (
     load_bags,
 )
 from e2epath.data.transforms import resized_crops
-from e2epath.models import build_aggregator, build_encoder
+from e2epath.models.aggregators import build_aggregator
 from e2epath.models.e2e import E2EModel
-from e2epath.models.weights import weights_record
+from e2epath.models.weights import build_encoder, weights_record
 from e2epath.train import job as training
 from e2epath.train.inference import stats
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from e2epath.core.io import atomic_path
-from e2epath.models import build_aggregator
+from e2epath.models.aggregators import build_aggregator
 from e2epath.models.e2e import E2EModel
 from e2epath.models.encoders import make_encoder
 

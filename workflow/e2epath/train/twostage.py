@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from e2epath.features.files import load_feature_bags
-from e2epath.models import build_aggregator
+from e2epath.models.aggregators import build_aggregator
 from e2epath.train import job as training
 
 logger = logging.getLogger(__name__)
