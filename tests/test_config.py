@@ -176,3 +176,22 @@ def _write(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.mark.parametrize("step, argv, words", [
+    ("patch", ["--patch-size", "16"], "config preprocess.patch_size must be at least 32"),
+    ("patch", ["--jpeg-quality", "30"], "config preprocess.jpeg_quality must be at least 50"),
+    ("patch", ["--mpp-tolerance", "0.9"], "config preprocess.mpp_tolerance must be at most 0.5"),
+    ("tissue", ["--preset", "lung"], "config preprocess.tissue.preset is not one of ['resection', 'biopsy']"),
+    ("tissue", ["--sat-floor", "300"], "config preprocess.tissue.sat_floor must be at most 255"),
+    ("predict", ["--map-mpp", "1"], "config maps.mpp must be at least 2"),
+    ("evaluate", ["--alpha", "1"], "config evaluate.alpha must be below 1"),
+])
+def test_a_step_refuses_a_setting_the_config_may_not_hold(step, argv, words, capsys):
+    """Steps run by hand check their flags against the config schema: a value the workflow would
+    refuse is refused by the step too, naming the config key."""
+    from e2epath.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([step, *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err

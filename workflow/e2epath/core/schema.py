@@ -4,8 +4,8 @@ the values a setting may take.
 The workflow validates its config against it (`e2epath.config.resolve.validate`, Snakemake's own
 validation, which fills the defaults in). A step that may also be run by hand asks the schema for
 its defaults (`default`) and checks its command-line values against it (`arg_type`), so a value the
-config may not hold is refused by the step too. Reading it needs PyYAML and jsonschema, never
-Snakemake: every job's environment has them.
+config may not hold is refused by the step too. Reading it needs PyYAML only (never jsonschema or
+Snakemake): every job's environment has it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 def _schema() -> dict[str, Any]:
     import yaml
 
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def schema() -> dict[str, Any]:
@@ -73,16 +73,40 @@ def enum(*keys: str) -> tuple:
     return tuple(prop(*keys)["enum"])
 
 
+# The keywords `arg_type` checks a value against; a key whose schema uses others cannot be a flag.
+CHECKED = {"type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "default", "description"}
+
+
+def problem(value: Any, node: dict[str, Any]) -> str | None:
+    """Why ``value`` breaks a scalar property's schema (`CHECKED` keywords), or None. Steps check their
+    flags with this rather than jsonschema, whose import alone costs every job a tenth of a second."""
+    kinds = node.get("type", "string")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    if value is None:
+        return None if "null" in kinds else "may not be null"
+    if "enum" in node and value not in node["enum"]:
+        return f"is not one of {node['enum']}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
+                        ("exclusiveMinimum", lambda v, b: v > b), ("exclusiveMaximum", lambda v, b: v < b)):
+            if key in node and not ok(value, node[key]):
+                words = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "above",
+                         "exclusiveMaximum": "below"}[key]
+                return f"must be {words} {node[key]}"
+    return None
+
+
 def arg_type(*keys: str) -> Callable[[str], Any]:
     """An argparse ``type`` for a command-line flag that carries config key ``keys``: the text is
     converted to the key's type and checked against its schema (range, enum), so a step refuses
     what the config may not hold, with the key's name in the message."""
-    import jsonschema
-
     node = prop(*keys)
+    name = ".".join(keys)
+    unchecked = set(node) - CHECKED
+    if unchecked:
+        raise KeyError(f"config {name}: its schema uses {sorted(unchecked)}, which a flag's check does not cover")
     kinds = node.get("type", "string")
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    name = ".".join(keys)
 
     def convert(text: str) -> Any:
         value: Any = text
@@ -96,10 +120,9 @@ def arg_type(*keys: str) -> Callable[[str], Any]:
                 value = float(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{text!r} is not a number ({name})") from None
-        try:
-            jsonschema.validate(value, node)
-        except jsonschema.ValidationError as err:
-            raise argparse.ArgumentTypeError(f"{text}: config {name} {err.message}") from None
+        why = problem(value, node)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text}: config {name} {why}")
         return value
 
     convert.__name__ = name  # argparse names the type in its messages
