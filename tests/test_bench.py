@@ -50,7 +50,12 @@ def run_quick(script: Path, tmp: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.name)
+# Scripts that start real snakemake processes belong to the workflow tier.
+WORKFLOW = {"dag.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.workflow] if s.name in WORKFLOW else [])
+                                    for s in SCRIPTS], ids=lambda s: s.name)
 def test_quick_mode_runs(script: Path, tmp_path: Path):
     done = run_quick(script, tmp_path)
     tail = f"\n--- stdout ---\n{done.stdout[-3000:]}\n--- stderr ---\n{done.stderr[-3000:]}"
